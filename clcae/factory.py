@@ -1,0 +1,77 @@
+"""Build models from a config: the one place where config fields turn into module arguments."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.nn import functional as F
+
+from clcae.config import CLCAEConfig, n_latent
+from clcae.models.clcae import CLCAE
+from clcae.models.contrastive import ContrastiveAligner, ImageEncoder, LatentEncoder
+from clcae.models.encoder import CLCAEEncoder
+from clcae.models.stylegan2 import Generator
+
+log = logging.getLogger(__name__)
+
+
+def build_generator(cfg: CLCAEConfig, load: bool = True) -> tuple[Generator, torch.Tensor]:
+    """The frozen generator and latent_avg: from ``generator.checkpoint`` or a seeded random init."""
+    g = cfg.generator
+    if load and g.checkpoint:
+        from clcae.weights import load_generator
+
+        return load_generator(g.checkpoint, cfg)
+    torch.manual_seed(g.init_seed)
+    gen = Generator(g.size, g.style_dim, g.n_mlp, g.channel_multiplier, lr_mlp=g.lr_mlp,
+                    channel_max=g.channel_max).eval()
+    if load:
+        log.info("generator: seeded random init (seed %d); set generator.checkpoint for real weights", g.init_seed)
+    return gen, gen.mean_latent(min(g.mean_latent_samples, 10_000), seed=g.init_seed)
+
+
+def build_encoder(cfg: CLCAEConfig, feature_channels: int) -> CLCAEEncoder:
+    m = cfg.model
+    return CLCAEEncoder(
+        backbone=cfg.encoder.backbone, input_size=tuple(cfg.encoder.input_size), style_dim=cfg.generator.style_dim,
+        n_latent=n_latent(cfg), feature_channels=feature_channels, w_attention=m.w_attention,
+        f_attention=m.f_attention, heads=m.attention_heads, ffn=m.attention_ffn, dropout=m.attention_dropout,
+        tokens=m.attention_tokens,
+    )
+
+
+def build_clcae(cfg: CLCAEConfig, generator: Generator | None = None, latent_avg: torch.Tensor | None = None,
+                load_pretrained: bool = True) -> CLCAE:
+    """The inversion network with its generator; the encoder body from ``encoder.pretrained`` if set."""
+    if generator is None:
+        generator, latent_avg = build_generator(cfg, load=load_pretrained)
+    encoder = build_encoder(cfg, generator.feature_channels)
+    if load_pretrained and cfg.encoder.pretrained:
+        from clcae.weights import load_irse_into_encoder
+
+        load_irse_into_encoder(cfg.encoder.pretrained, encoder)
+    crop = tuple(cfg.generator.crop) if cfg.generator.crop else None
+    return CLCAE(encoder, generator, latent_avg, crop=crop)
+
+
+def build_aligner(cfg: CLCAEConfig, image_avg: torch.Tensor | None = None,
+                  latent_avg: torch.Tensor | None = None) -> ContrastiveAligner:
+    c, d = cfg.contrastive, cfg.generator.style_dim
+    image = ImageEncoder(cfg.encoder.backbone, tuple(cfg.encoder.input_size), d, c.projection_dim)
+    latent = LatentEncoder(d, c.layers, c.heads, c.ffn, c.dropout, c.projection_dim)
+    return ContrastiveAligner(image, latent, image_avg, latent_avg, c.init_temperature, c.max_logit_scale,
+                              c.lambda_image)
+
+
+@torch.no_grad()
+def average_image(model: CLCAE) -> torch.Tensor:
+    """x_avg = G(latent_avg) at the encoder's input resolution (the contrastive branch's centring image)."""
+    img = model.decoder.synthesis(model.decoder.broadcast(model.latent_avg[None]))
+    return model.to_input_resolution(img)
+
+
+def resize_to(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)

@@ -1,0 +1,140 @@
+"""The CLCAE inversion network: encoder (w, W+ and F cross-attention) + frozen StyleGAN2 generator.
+
+Outputs for an input image x: w (B, D), w+ (B, N, D), f (B, C, 16, 16) and the reconstructions G(w),
+G(w+), G(w+, f), pooled to the input resolution.  The three reconstructions share the generator prefix up to
+``convs.3``: it runs once for w and w+ together, and the suffix runs once on the stacked features.
+
+State-dict layout equals the authors' ``AFPSP`` (``encoder.*`` + ``decoder.*``) plus our ``latent_avg``
+buffer, which their checkpoints lack (they re-read it from the generator file on every load).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from clcae.models.encoder import CLCAEEncoder, EncoderOutput
+from clcae.models.stylegan2 import Generator, blend_feature
+
+OUTPUTS = ("w", "w_plus", "f")
+
+
+@dataclass
+class InversionOutput:
+    w: torch.Tensor                       # (B, D) absolute latent (latent_avg + offset)
+    w_plus: torch.Tensor                  # (B, N, D)
+    f: torch.Tensor | None                # (B, C, 16, 16)
+    g5: torch.Tensor | None = None        # (B, C, 16, 16) = G5(w+), for the feature regulariser
+    image_w: torch.Tensor | None = None   # G(w), at the input resolution
+    image_w_plus: torch.Tensor | None = None   # G(w+)
+    image_f: torch.Tensor | None = None        # G(w+, f)
+    deltas: torch.Tensor | None = None    # (B, N, D) encoder residuals, reused by w-space edits
+
+
+class CLCAE(nn.Module):
+    def __init__(self, encoder: CLCAEEncoder, decoder: Generator, latent_avg: torch.Tensor | None = None,
+                 crop: tuple[int, int, int, int] | None = None):
+        super().__init__()
+        if encoder.n_latent != decoder.n_latent or encoder.style_dim != decoder.style_dim:
+            raise ValueError(f"encoder predicts {encoder.n_latent}x{encoder.style_dim} latents but the generator "
+                             f"takes {decoder.n_latent}x{decoder.style_dim}")
+        self.encoder = encoder
+        self.decoder = decoder
+        self.decoder.requires_grad_(False)
+        if latent_avg is None:
+            latent_avg = torch.zeros(decoder.style_dim)
+        self.register_buffer("latent_avg", latent_avg.detach().reshape(decoder.style_dim).clone())
+        self.crop = tuple(crop) if crop is not None else None
+
+    def train(self, mode: bool = True) -> CLCAE:
+        super().train(mode)
+        self.decoder.eval()  # frozen: never in training mode
+        return self
+
+    # ----------------------------------------------------------------------------------------- helpers
+    def to_input_resolution(self, images: torch.Tensor) -> torch.Tensor:
+        """Crop (cars) and average-pool generator output to the encoder's input size (pSp's face_pool)."""
+        if self.crop is not None:
+            top, bottom, left, right = self.crop
+            images = images[:, :, top:bottom, left:right]
+        size = self.encoder.input_size
+        if tuple(images.shape[-2:]) != size:
+            images = F.adaptive_avg_pool2d(images, size)
+        return images
+
+    def latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, EncoderOutput]:
+        """Absolute w (B, D), w+ (B, N, D), f and the encoder intermediates."""
+        w_off, w_plus_off, f, feats = self.encoder(x)
+        return self.latent_avg + w_off, self.latent_avg + w_plus_off, f, feats
+
+    def heads(self, w_offset: torch.Tensor, deltas: torch.Tensor, t3: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Re-run the cross-attention blocks for a (possibly edited) w offset: absolute (w, w+, f or None).
+
+        Editing in W happens here, before the blocks, so w+ and f follow the edit (the authors' scheme).
+        """
+        w_plus = self.latent_avg + self.encoder.w_plus_offset(w_offset, deltas)
+        f = self.encoder.feature(t3, w_offset) if t3 is not None else None
+        return self.latent_avg + w_offset, w_plus, f
+
+    # ----------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, outputs: Collection[str] = OUTPUTS, f_blend: float = 1.0
+                ) -> InversionOutput:
+        """Encode x and render the requested reconstructions: any of "w", "w_plus", "f" (= G(w+, f))."""
+        unknown = set(outputs) - set(OUTPUTS)
+        if unknown:
+            raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUTS}")
+        w, w_plus, f, feats = self.latents(x)
+        out = InversionOutput(w=w, w_plus=w_plus, f=f, deltas=feats.deltas)
+        images = self.render(w, w_plus, f, outputs, f_blend, out)
+        out.image_w, out.image_w_plus, out.image_f = (images.get(k) for k in OUTPUTS)
+        return out
+
+    def render(self, w: torch.Tensor, w_plus: torch.Tensor, f: torch.Tensor | None,
+               outputs: Collection[str] = OUTPUTS, f_blend: float = 1.0, out: InversionOutput | None = None
+               ) -> dict[str, torch.Tensor]:
+        """Reconstructions with one prefix pass (w and w+ stacked) and one suffix pass (features stacked)."""
+        g = self.decoder
+        b = w_plus.shape[0]
+        prefix_lat = [w_plus] if "w" not in outputs else [g.broadcast(w), w_plus]
+        lat = torch.cat(prefix_lat)
+        g5_all, skip_all = g.synthesis_prefix(lat)
+        g5_wp, skip_wp = g5_all[-b:], skip_all[-b:]
+        if out is not None:
+            out.g5 = g5_wp
+        parts = []  # (name, feature entering convs.4, 16x16 rgb skip, latents)
+        if "w" in outputs:
+            parts.append(("w", g5_all[:b], skip_all[:b], prefix_lat[0]))
+        if "w_plus" in outputs:
+            parts.append(("w_plus", g5_wp, skip_wp, w_plus))
+        if "f" in outputs:
+            if f is None:
+                raise ValueError("output 'f' requested without a feature f")
+            parts.append(("f", blend_feature(g5_wp, f, f_blend), skip_wp, w_plus))
+        names = [p[0] for p in parts]
+        if not names:
+            return {}
+        images = g.synthesis_suffix(*(torch.cat([p[i] for p in parts]) for i in (1, 2, 3)))
+        images = self.to_input_resolution(images)
+        return dict(zip(names, images.split(b)))
+
+    # ----------------------------------------------------------------------------------------- editing
+    def edited_images(self, w_plus: torch.Tensor, f: torch.Tensor, w_plus_edit: torch.Tensor,
+                      f_edit: torch.Tensor | None = None, g5: torch.Tensor | None = None) -> torch.Tensor:
+        """G(w^+, f^) with f^ = f_edit + G5(w^+) - G5(w+) (Eq. 6); f_edit defaults to f.
+
+        ``g5`` = G5(w+) when the caller already has it (``InversionOutput.g5``).  The edited prefix runs at
+        the same batch size as the reconstruction's, so an edit of strength 0 reproduces ``render(...,
+        outputs=("f",))`` bit for bit (batched CPU kernels are not bit-stable across batch compositions).
+        """
+        g = self.decoder
+        if g5 is None:
+            g5 = g.synthesis_prefix(w_plus)[0]
+        g5_edit, skip = g.synthesis_prefix(w_plus_edit)
+        base = f if f_edit is None else f_edit
+        f_hat = base + (g5_edit - g5)
+        return self.to_input_resolution(g.synthesis_suffix(f_hat, skip, w_plus_edit))

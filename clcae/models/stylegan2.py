@@ -1,0 +1,352 @@
+"""StyleGAN2 generator, state_dict-compatible with rosinality/stylegan2-pytorch, in pure PyTorch.
+
+Every key, shape and buffer matches rosinality's ``Generator`` (``g_ema`` of its checkpoints and of
+``convert_weight.py``), so official weights load with ``strict=True``.  The maths is the same; the
+formulation is chosen for speed on CPU and GPU without compiled extensions:
+
+* Modulated convolutions are computed as ``demod * conv(x * style, W)`` with ONE shared weight instead of a
+  per-sample weight tensor and a grouped convolution.  The two are algebraically identical; the shared-weight
+  form never materialises a (B, C_out, C_in, 3, 3) tensor, which on CPU made per-image time grow with batch.
+* The FIR blur after each upsampling conv is a depthwise ``conv2d`` (groups=C) instead of upfirdn2d's
+  pad/reshape emulation, and the ToRGB skip upsampler is a depthwise stride-2 ``conv_transpose2d``.
+  Both are exact re-expressions of upfirdn2d for the symmetric [1, 3, 3, 1] kernel.
+* The synthesis network is split at the output of ``convs.3`` (G5, the 16x16 feature CLCAE/FS replace),
+  so callers can run the shared prefix once and the suffix on several features.
+
+Latent layout (rosinality): conv1 <- w[:, 0], to_rgb1 <- w[:, 1], convs[2k] <- w[:, 2k+1],
+convs[2k+1] <- w[:, 2k+2], to_rgbs[k] <- w[:, 2k+3]; noise[0] -> conv1, noise[2k+1] -> convs[2k],
+noise[2k+2] -> convs[2k+1].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+SQRT2 = math.sqrt(2.0)
+# Index (in rosinality's ``convs`` list) of the conv whose output is G5, and the resolution of G5.
+FEATURE_CONV = 3
+FEATURE_RES = 16
+
+
+def channel_table(channel_multiplier: int = 2, channel_max: int = 512) -> dict[int, int]:
+    """Channels per resolution (rosinality's table), optionally capped for narrow test models."""
+    cm = channel_multiplier
+    table = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * cm, 128: 128 * cm, 256: 64 * cm, 512: 32 * cm,
+             1024: 16 * cm}
+    return {res: min(ch, channel_max) for res, ch in table.items()}
+
+
+def make_kernel(k: Sequence[float]) -> torch.Tensor:
+    k = torch.tensor(k, dtype=torch.float32)
+    if k.ndim == 1:
+        k = k[None, :] * k[:, None]
+    return k / k.sum()
+
+
+def bias_leaky_relu(x: torch.Tensor, bias: torch.Tensor, negative_slope: float = 0.2,
+                    scale: float = SQRT2) -> torch.Tensor:
+    """StyleGAN's fused bias + leaky ReLU + gain, for (B, C) and (B, C, H, W) inputs."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return F.leaky_relu(x + bias.view(shape), negative_slope) * scale
+
+
+class PixelNorm(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(torch.mean(x * x, dim=1, keepdim=True) + 1e-8)
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with equalised learning rate: weights stored at N(0, 1/lr_mul), scaled at run time."""
+
+    def __init__(self, in_dim: int, out_dim: int, bias: bool = True, bias_init: float = 0.0,
+                 lr_mul: float = 1.0, activation: str | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_dim, in_dim).div_(lr_mul))
+        self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init))) if bias else None
+        self.activation = activation
+        self.scale = (1.0 / math.sqrt(in_dim)) * lr_mul
+        self.lr_mul = lr_mul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation:
+            out = F.linear(x, self.weight * self.scale)
+            return bias_leaky_relu(out, self.bias * self.lr_mul)
+        bias = self.bias * self.lr_mul if self.bias is not None else None
+        return F.linear(x, self.weight * self.scale, bias=bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[1]}, {self.weight.shape[0]}, lr_mul={self.lr_mul}"
+
+
+class Blur(nn.Module):
+    """upfirdn2d(x, kernel, pad) for a symmetric kernel, as a depthwise convolution."""
+
+    def __init__(self, kernel: Sequence[float], pad: tuple[int, int], upsample_factor: int = 1):
+        super().__init__()
+        k = make_kernel(kernel)
+        if upsample_factor > 1:
+            k = k * (upsample_factor ** 2)
+        self.register_buffer("kernel", k)
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        # upfirdn2d correlates with the flipped kernel; flipping keeps it exact for asymmetric kernels too.
+        w = torch.flip(self.kernel, (0, 1)).to(x.dtype).expand(c, 1, *self.kernel.shape)
+        p0, p1 = self.pad
+        if p0 == p1:
+            return F.conv2d(x, w, padding=p0, groups=c)
+        return F.conv2d(F.pad(x, (p0, p1, p0, p1)), w, groups=c)
+
+
+class Upsample(nn.Module):
+    """upfirdn2d(x, kernel * 4, up=2, pad=(2, 1)) == depthwise conv_transpose2d(stride 2, padding 1)."""
+
+    def __init__(self, kernel: Sequence[float], factor: int = 2):
+        super().__init__()
+        if factor != 2 or len(kernel) != 4:
+            raise ValueError("Upsample supports the StyleGAN2 4-tap kernel with factor 2")
+        self.register_buffer("kernel", make_kernel(kernel) * (factor ** 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        w = self.kernel.to(x.dtype).expand(c, 1, *self.kernel.shape)
+        return F.conv_transpose2d(x, w, stride=2, padding=1, groups=c)
+
+
+class ModulatedConv2d(nn.Module):
+    def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int,
+                 demodulate: bool = True, upsample: bool = False,
+                 blur_kernel: Sequence[float] = (1, 3, 3, 1)):
+        super().__init__()
+        self.in_channel, self.out_channel, self.kernel_size = in_channel, out_channel, kernel_size
+        self.upsample, self.demodulate = upsample, demodulate
+        if upsample:
+            factor = 2
+            p = (len(blur_kernel) - factor) - (kernel_size - 1)
+            self.blur = Blur(blur_kernel, pad=((p + 1) // 2 + factor - 1, p // 2 + 1), upsample_factor=factor)
+        self.scale = 1.0 / math.sqrt(in_channel * kernel_size ** 2)
+        self.padding = kernel_size // 2
+        self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
+        self.modulation = EqualLinear(style_dim, in_channel, bias_init=1.0)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        s = self.modulation(style)                                   # (B, C_in)
+        w = self.weight[0] * self.scale                              # (C_out, C_in, k, k)
+        x = x * s[:, :, None, None]
+        if self.upsample:
+            # Transposed conv wants (C_in, C_out, k, k); the blur then removes the checkerboard.
+            x = F.conv_transpose2d(x, w.transpose(0, 1), stride=2, padding=0)
+            x = self.blur(x)
+        else:
+            x = F.conv2d(x, w, padding=self.padding)
+        if self.demodulate:
+            # sum_{i,k} (w_oik * s_i)^2 = (s^2) @ (sum_k w_oik^2)^T : (B, C_out), never (B, C_out, C_in, k, k).
+            d = torch.rsqrt((s * s) @ (w * w).sum(dim=(2, 3)).t() + 1e-8)
+            x = x * d[:, :, None, None]
+        return x
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channel}, {self.out_channel}, {self.kernel_size}, upsample={self.upsample}, "
+                f"demodulate={self.demodulate}")
+
+
+class NoiseInjection(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        if noise is None:
+            b, _, h, w = x.shape
+            noise = x.new_empty(b, 1, h, w).normal_()
+        return x + self.weight * noise
+
+
+class FusedLeakyReLU(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bias_leaky_relu(x, self.bias)
+
+
+class StyledConv(nn.Module):
+    def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int,
+                 upsample: bool = False, blur_kernel: Sequence[float] = (1, 3, 3, 1), demodulate: bool = True):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_channel, out_channel, kernel_size, style_dim, demodulate=demodulate,
+                                    upsample=upsample, blur_kernel=blur_kernel)
+        self.noise = NoiseInjection()
+        self.activate = FusedLeakyReLU(out_channel)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        return self.activate(self.noise(self.conv(x, style), noise=noise))
+
+
+class ToRGB(nn.Module):
+    def __init__(self, in_channel: int, style_dim: int, upsample: bool = True,
+                 blur_kernel: Sequence[float] = (1, 3, 3, 1)):
+        super().__init__()
+        if upsample:
+            self.upsample = Upsample(blur_kernel)
+        self.conv = ModulatedConv2d(in_channel, 3, 1, style_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.conv(x, style) + self.bias
+        if skip is not None:
+            out = out + self.upsample(skip)
+        return out
+
+
+class ConstantInput(nn.Module):
+    def __init__(self, channel: int, size: int = 4):
+        super().__init__()
+        self.input = nn.Parameter(torch.randn(1, channel, size, size))
+
+    def forward(self, batch: int) -> torch.Tensor:
+        return self.input.expand(batch, -1, -1, -1)
+
+
+class Generator(nn.Module):
+    """StyleGAN2 generator (config-f) with rosinality's constructor, keys and latent layout.
+
+    ``channel_max`` caps every layer's width; the default 512 is the official table, tiny test models lower
+    it.  Sizes 32..1024 (the CLCAE feature hook needs the 16x16 ``convs.3`` and a later ``convs.4``).
+    """
+
+    def __init__(self, size: int, style_dim: int = 512, n_mlp: int = 8, channel_multiplier: int = 2,
+                 blur_kernel: Sequence[float] = (1, 3, 3, 1), lr_mlp: float = 0.01, channel_max: int = 512):
+        super().__init__()
+        if size < 32 or size > 1024 or size & (size - 1):
+            raise ValueError(f"generator size must be a power of two in 32..1024, got {size}")
+        self.size, self.style_dim = size, style_dim
+        self.style = nn.Sequential(PixelNorm(), *[
+            EqualLinear(style_dim, style_dim, lr_mul=lr_mlp, activation="fused_lrelu") for _ in range(n_mlp)
+        ])
+        self.channels = channel_table(channel_multiplier, channel_max)
+        self.input = ConstantInput(self.channels[4])
+        self.conv1 = StyledConv(self.channels[4], self.channels[4], 3, style_dim, blur_kernel=blur_kernel)
+        self.to_rgb1 = ToRGB(self.channels[4], style_dim, upsample=False)
+
+        self.log_size = int(math.log2(size))
+        self.num_layers = (self.log_size - 2) * 2 + 1
+        self.n_latent = self.log_size * 2 - 2
+        self.convs = nn.ModuleList()
+        self.upsamples = nn.ModuleList()  # empty; kept so the module tree mirrors rosinality's
+        self.to_rgbs = nn.ModuleList()
+        self.noises = nn.Module()
+        for layer_idx in range(self.num_layers):
+            res = (layer_idx + 5) // 2
+            self.noises.register_buffer(f"noise_{layer_idx}", torch.randn(1, 1, 2 ** res, 2 ** res))
+        in_channel = self.channels[4]
+        for i in range(3, self.log_size + 1):
+            out_channel = self.channels[2 ** i]
+            self.convs.append(StyledConv(in_channel, out_channel, 3, style_dim, upsample=True,
+                                         blur_kernel=blur_kernel))
+            self.convs.append(StyledConv(out_channel, out_channel, 3, style_dim, blur_kernel=blur_kernel))
+            self.to_rgbs.append(ToRGB(out_channel, style_dim))
+            in_channel = out_channel
+
+    # ----------------------------------------------------------------------------------------- latents
+    @property
+    def feature_channels(self) -> int:
+        """Channels of G5 (512 for every official generator)."""
+        return self.channels[FEATURE_RES]
+
+    def mapping(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, D) -> w (B, D)."""
+        return self.style(z)
+
+    get_latent = mapping  # rosinality's name
+
+    @torch.no_grad()
+    def mean_latent(self, n_samples: int = 100_000, seed: int | None = 0, chunk: int = 10_000) -> torch.Tensor:
+        """Mean of the mapping network over ``n_samples`` z ~ N(0, I): the stand-in for a missing latent_avg."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        device = self.input.input.device
+        total = torch.zeros(1, self.style_dim, dtype=torch.float64, device=device)
+        done = 0
+        while done < n_samples:
+            n = min(chunk, n_samples - done)
+            z = torch.randn(n, self.style_dim, generator=gen).to(device)
+            total += self.style(z).double().sum(0, keepdim=True)
+            done += n
+        return (total / n_samples).float()
+
+    def noise_maps(self, randomize: bool = False, batch: int = 1) -> list[torch.Tensor | None]:
+        """Stored constant noise (rosinality's randomize_noise=False) or None (fresh noise per call)."""
+        if randomize:
+            return [None] * self.num_layers
+        return [getattr(self.noises, f"noise_{i}") for i in range(self.num_layers)]
+
+    def broadcast(self, w: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, N, D); (B, N, D) passes through after a shape check."""
+        if w.ndim == 2:
+            return w.unsqueeze(1).expand(-1, self.n_latent, -1)
+        if w.ndim != 3 or w.shape[1] != self.n_latent or w.shape[2] != self.style_dim:
+            raise ValueError(f"expected latents of shape (B, {self.n_latent}, {self.style_dim}) or "
+                             f"(B, {self.style_dim}), got {tuple(w.shape)}")
+        return w
+
+    # --------------------------------------------------------------------------------------- synthesis
+    def synthesis_prefix(self, w_plus: torch.Tensor, noise: list[torch.Tensor | None] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layers up to and including ``convs.3`` / ``to_rgbs.1``: returns (G5, rgb skip at 16x16)."""
+        w_plus = self.broadcast(w_plus)
+        noise = self.noise_maps() if noise is None else noise
+        out = self.conv1(self.input(w_plus.shape[0]), w_plus[:, 0], noise=noise[0])
+        skip = self.to_rgb1(out, w_plus[:, 1])
+        for k in range(FEATURE_CONV // 2 + 1):
+            out = self.convs[2 * k](out, w_plus[:, 2 * k + 1], noise=noise[2 * k + 1])
+            out = self.convs[2 * k + 1](out, w_plus[:, 2 * k + 2], noise=noise[2 * k + 2])
+            skip = self.to_rgbs[k](out, w_plus[:, 2 * k + 3], skip)
+        return out, skip
+
+    def synthesis_suffix(self, feature: torch.Tensor, skip: torch.Tensor, w_plus: torch.Tensor,
+                         noise: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Layers from ``convs.4`` on, starting from a 16x16 feature (G5 or a replacement f)."""
+        w_plus = self.broadcast(w_plus)
+        noise = self.noise_maps() if noise is None else noise
+        out = feature
+        for k in range(FEATURE_CONV // 2 + 1, len(self.to_rgbs)):
+            out = self.convs[2 * k](out, w_plus[:, 2 * k + 1], noise=noise[2 * k + 1])
+            out = self.convs[2 * k + 1](out, w_plus[:, 2 * k + 2], noise=noise[2 * k + 2])
+            skip = self.to_rgbs[k](out, w_plus[:, 2 * k + 3], skip)
+        return skip
+
+    def synthesis(self, w_plus: torch.Tensor, f: torch.Tensor | None = None, f_blend: float = 1.0,
+                  randomize_noise: bool = False) -> torch.Tensor:
+        """Image (B, 3, size, size), unclamped, nominally [-1, 1].
+
+        ``f`` (B, C, 16, 16) replaces the input of ``convs.4`` (blended as ``(1 - a) * G5 + a * f`` with
+        ``a = f_blend``); the 16x16 RGB skip always comes from the generator's own G5, as in FS/CLCAE.
+        """
+        noise = self.noise_maps(randomize_noise)
+        g5, skip = self.synthesis_prefix(w_plus, noise)
+        feature = g5 if f is None else blend_feature(g5, f, f_blend)
+        return self.synthesis_suffix(feature, skip, w_plus, noise)
+
+    def g5(self, w_plus: torch.Tensor) -> torch.Tensor:
+        """The output of the fifth styled conv (``convs.3``): (B, C, 16, 16)."""
+        return self.synthesis_prefix(w_plus)[0]
+
+    def forward(self, w_plus: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
+        return self.synthesis(w_plus, f)
+
+
+def blend_feature(g5: torch.Tensor, f: torch.Tensor, alpha: float) -> torch.Tensor:
+    if f.shape != g5.shape:
+        raise ValueError(f"feature f must have shape {tuple(g5.shape)} (G5), got {tuple(f.shape)}")
+    if alpha >= 1.0:
+        return f
+    if alpha <= 0.0:
+        return g5
+    return torch.lerp(g5, f, alpha)

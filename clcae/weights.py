@@ -1,0 +1,317 @@
+"""Checkpoint formats: the official files (rosinality StyleGAN2, TreB1eN IR-SE50, MoCo v2, the authors'
+CLCAE releases) and our own, with the key mappings written down.
+
+Key mapping, authors' files -> our modules
+------------------------------------------
+* ``stylegan2-*-config-f.pt`` ``{'g_ema': ..., 'latent_avg': (512,)}``: ``g_ema.*`` -> ``Generator.*``
+  (identical keys, strict).  Missing ``latent_avg`` -> ``Generator.mean_latent(generator.mean_latent_samples)``.
+  Missing ``noises.*`` (old rosinality checkpoints) -> our seeded noise buffers, with a warning.
+* ``model_ir_se50.pth`` (TreB1eN): ``input_layer.*``, ``body.*`` -> ``CLCAE.encoder.*`` (non-strict, as pSp
+  does: the recognition head ``output_layer.*`` has no counterpart); the whole file -> ``IRSEBackbone``
+  (strict) for the ID loss.
+* Authors' inversion checkpoint ``{'state_dict': AFPSP.state_dict(), 'opts', ...}``: ``encoder.*`` ->
+  ``CLCAE.encoder.*`` and ``decoder.*`` -> ``CLCAE.decoder.*`` (identical keys); ``latent_avg`` is not in it
+  and comes from the generator file, as in their code.
+* Authors' ``best_model_image.pt`` ``{'state_dict', 'opts'}``: ``encoder.{input_layer,body,styles.0}.*`` ->
+  ``image_encoder.encoder.*``; ``encoder.latlayer{1,2}.*`` -> same (unused by the image branch);
+  ``image_projection.*`` -> ``image_encoder.image_projection.*``; ``logit_scale`` -> ``logit_scale``.
+* Authors' ``best_model_latent.pt``: ``pos_embedding`` -> ``latent_encoder.pos_embedding``;
+  ``coarse.*``/``medium.*``/``fine.*`` -> ``latent_encoder.layers.{0,1,2}.*``;
+  ``latent_projection.*`` -> ``latent_encoder.latent_projection.*``.
+
+Everything is read with ``torch.load(..., weights_only=True)``; rosinality training checkpoints carry an
+``argparse.Namespace``, which is allow-listed explicitly rather than falling back to full unpickling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "clcae-platform/1"
+
+
+class WeightsError(RuntimeError):
+    """A weights file is missing, unreadable, or does not match the module it is loaded into."""
+
+
+# ------------------------------------------------------------------------------------------ registry
+@dataclass(frozen=True)
+class OfficialFile:
+    name: str
+    filename: str
+    urls: tuple[str, ...]
+    source: str
+    sha256: str | None = None     # None: no checksum is published; `clcae weights fetch` prints the one it got
+    size: int | None = None
+    note: str = ""
+
+
+def _drive(file_id: str) -> str:
+    return f"https://drive.google.com/uc?id={file_id}"
+
+
+OFFICIAL: dict[str, OfficialFile] = {f.name: f for f in [
+    OfficialFile("stylegan2-ffhq", "stylegan2-ffhq-config-f.pt", (_drive("1EM87UquaoQmk17Q8d5kYIAHqu0dkYqdT"),),
+                 "rosinality/stylegan2-pytorch conversion of NVlabs FFHQ config-f, as linked by pSp/e4e/CLCAE",
+                 note="{'g_ema', 'latent_avg'}; 1024 px"),
+    OfficialFile("stylegan2-car", "stylegan2-car-config-f.pt", (_drive("1i-TPPV_LpI9HxqfYG5e-RXSxNJ8m4yxg"),),
+                 "e4e/ReStyle README (rosinality conversion of NVlabs LSUN Car config-f)",
+                 note="512 px; the CLCAE README's 'Car StyleGAN' link repeats the FFHQ id (a bug)"),
+    OfficialFile("ir-se50", "model_ir_se50.pth", (_drive("1KW7bjndL3QG3sxBbZxreGHigcCCpsDgn"),),
+                 "TreB1eN/InsightFace_Pytorch IR-SE50, as linked by pSp"),
+    OfficialFile("moco-v2", "moco_v2_800ep_pretrain.pt",
+                 ("https://dl.fbaipublicfiles.com/moco/moco_checkpoints/moco_v2_800ep/moco_v2_800ep_pretrain.pth.tar",),
+                 "facebookresearch/moco (pSp/e4e rename it to .pt)", note="{'state_dict': module.encoder_q.*}"),
+    OfficialFile("clcae-ffhq", "ffhq_inversion.pt", (), "KumapowerLIU/CLCAE README ('FFHQ_Inversion', Google Drive)",
+                 note="{'state_dict': encoder.*/decoder.*, 'opts'}; download by hand from the README link"),
+    OfficialFile("clcae-car", "car_inversion.pt", (), "KumapowerLIU/CLCAE README ('Car_Inversion', Google Drive)",
+                 note="download by hand from the README link"),
+    OfficialFile("clcae-ffhq-contrastive", "ffhq_cont/best_model_{image,latent}.pt", (),
+                 "KumapowerLIU/CLCAE README ('Contrastive model and data for FFHQ', a Drive folder)",
+                 note="two files: best_model_image.pt and best_model_latent.pt"),
+    OfficialFile("interfacegan-age", "editing/age.pt",
+                 ("https://raw.githubusercontent.com/omertov/encoder4editing/main/editings/interfacegan_directions/age.pt",),
+                 "omertov/encoder4editing editings/interfacegan_directions"),
+    OfficialFile("interfacegan-smile", "editing/smile.pt",
+                 ("https://raw.githubusercontent.com/omertov/encoder4editing/main/editings/interfacegan_directions/smile.pt",),
+                 "omertov/encoder4editing editings/interfacegan_directions"),
+    OfficialFile("interfacegan-pose", "editing/pose.pt",
+                 ("https://raw.githubusercontent.com/omertov/encoder4editing/main/editings/interfacegan_directions/pose.pt",),
+                 "omertov/encoder4editing editings/interfacegan_directions"),
+    OfficialFile("ganspace-ffhq", "editing/ffhq_pca.pt",
+                 ("https://raw.githubusercontent.com/omertov/encoder4editing/main/editings/ganspace_pca/ffhq_pca.pt",),
+                 "omertov/encoder4editing editings/ganspace_pca"),
+    OfficialFile("ganspace-cars", "editing/cars_pca.pt",
+                 ("https://raw.githubusercontent.com/omertov/encoder4editing/main/editings/ganspace_pca/cars_pca.pt",),
+                 "omertov/encoder4editing editings/ganspace_pca"),
+]}
+
+
+def where_from(path: str | os.PathLike) -> str:
+    """A hint naming the official source of a file, matched on its file name."""
+    name = Path(str(path)).name
+    for f in OFFICIAL.values():
+        if Path(f.filename).name == name or (name.startswith("best_model_") and "best_model" in f.filename):
+            how = f"`clcae weights fetch {f.name}`" if f.urls else "download it by hand"
+            return f" It is the official file {f.filename!r} from {f.source}; {how}."
+    return " See README 'Real weights' for the official files and where they go."
+
+
+# ------------------------------------------------------------------------------------------ reading
+def read_state(path: str | os.PathLike, extra_safe_globals: Iterable[Any] = ()) -> Any:
+    """torch.load(weights_only=True) from a local path or any fsspec URI, with errors that name the file."""
+    path = str(path)
+    try:
+        with fsspec.open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise WeightsError(f"weights file not found: {path}.{where_from(path)}") from None
+    except Exception as exc:  # noqa: BLE001 - storage errors come in many types; all get the path attached
+        raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace, *extra_safe_globals]):
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise WeightsError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})."
+                           f"{where_from(path)}") from exc
+
+
+def _summarise(keys: Iterable[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], path: str, what: str,
+              strict: bool = True, allow_missing: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """load_state_dict with a WeightsError naming the file, missing/unexpected keys and shape mismatches."""
+    own = module.state_dict()
+    allow = tuple(allow_missing)
+    missing = [k for k in own if k not in state and not k.startswith(allow)]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if mismatched or (strict and (missing or unexpected)):
+        parts = [f"{path} does not match the {what}:"]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_summarise(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_summarise(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches ({len(mismatched)}): {_summarise(mismatched, 4)}")
+        raise WeightsError("\n  ".join(parts) + "\n " + where_from(path))
+    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return missing, unexpected
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with fsspec.open(str(path), "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ generator
+def save_rosinality(path: str | os.PathLike, generator: nn.Module, latent_avg: torch.Tensor | None) -> None:
+    """Write a generator in the layout of rosinality's convert_weight.py: {'g_ema', 'latent_avg'}."""
+    state = {"g_ema": generator.state_dict()}
+    if latent_avg is not None:
+        state["latent_avg"] = latent_avg.reshape(-1)
+    with fsspec.open(str(path), "wb") as fh:
+        torch.save(state, fh)
+
+
+def load_generator(path: str, cfg: Any):
+    """A rosinality ``.pt`` -> (Generator, latent_avg (D,)) for ``cfg.generator``'s architecture."""
+    from clcae.models.stylegan2 import Generator
+
+    g = cfg.generator
+    ckpt = read_state(path)
+    if not isinstance(ckpt, Mapping) or "g_ema" not in ckpt:
+        keys = list(ckpt)[:8] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise WeightsError(f"{path} is not a rosinality StyleGAN2 checkpoint (no 'g_ema'; found {keys})."
+                           f"{where_from(path)}")
+    gen = Generator(g.size, g.style_dim, g.n_mlp, g.channel_multiplier, lr_mlp=g.lr_mlp, channel_max=g.channel_max)
+    state = ckpt["g_ema"]
+    try:
+        missing, _ = load_into(gen, state, path, f"StyleGAN2 generator (size {g.size}, channel_multiplier "
+                               f"{g.channel_multiplier})", allow_missing=("noises.",))
+    except WeightsError as exc:
+        raise WeightsError(f"{exc}\n {_generator_hint(state, g)}") from None
+    if missing:
+        log.warning("%s has no noise buffers (old rosinality checkpoint); using seeded random noise maps", path)
+    gen.requires_grad_(False).eval()
+    if "latent_avg" in ckpt:
+        latent_avg = ckpt["latent_avg"].float().reshape(-1)[: g.style_dim]
+    else:
+        log.warning("%s has no latent_avg; using the mean of the mapping network over %d samples",
+                    path, g.mean_latent_samples)
+        latent_avg = gen.mean_latent(g.mean_latent_samples, seed=g.init_seed)[0]
+    return gen, latent_avg
+
+
+def _generator_hint(state: Mapping[str, torch.Tensor], g: Any) -> str:
+    """Guess the architecture a generator state_dict was saved with, to turn a key dump into advice."""
+    n_rgb = len({k.split(".")[1] for k in state if k.startswith("to_rgbs.")})
+    size = 2 ** (n_rgb + 2) if n_rgb else None
+    hint = []
+    if size and size != g.size:
+        hint.append(f"generator.size={size}")
+    last_conv = f"convs.{2 * n_rgb - 1}.conv.weight"
+    if size and last_conv in state and size >= 64:
+        ch = state[last_conv].shape[1]
+        base = {64: 256, 128: 128, 256: 64, 512: 32, 1024: 16}[size]
+        if ch % base == 0 and ch // base != g.channel_multiplier:
+            hint.append(f"generator.channel_multiplier={ch // base}")
+    return f"The file looks like it needs: {' '.join(hint)}" if hint else "Check generator.size/channel_multiplier."
+
+
+# ------------------------------------------------------------------------------------------ IR-SE
+def load_irse_into_encoder(path: str, encoder: nn.Module) -> int:
+    """Initialise ``input_layer``/``body`` from TreB1eN ``model_ir_se50.pth`` (non-strict, as pSp)."""
+    state = read_state(path)
+    own = encoder.state_dict()
+    usable = {k: v for k, v in state.items() if k.startswith(("input_layer.", "body.")) and k in own}
+    wrong = [k for k, v in usable.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if not usable or wrong:
+        raise WeightsError(f"{path} does not fit the encoder backbone: {len(usable)} matching keys, shape "
+                           f"mismatches: {_summarise(wrong, 4) or 'none'}. Expected an IR-SE file in TreB1eN layout "
+                           f"for backbone of this depth.{where_from(path)}")
+    encoder.load_state_dict(usable, strict=False)
+    log.info("encoder: loaded %d backbone tensors from %s", len(usable), path)
+    return len(usable)
+
+
+def load_arcface(path: str, network: nn.Module) -> None:
+    load_into(network, read_state(path), path, "ArcFace IR-SE backbone", strict=True)
+
+
+# ------------------------------------------------------------------------------------------ authors' CLCAE
+def _state_of(ckpt: Any, path: str) -> Mapping[str, torch.Tensor]:
+    if isinstance(ckpt, Mapping) and "state_dict" in ckpt:
+        return ckpt["state_dict"]
+    raise WeightsError(f"{path} is not a CLCAE/pSp-style checkpoint (expected a dict with 'state_dict')."
+                       f"{where_from(path)}")
+
+
+def load_official_inversion(path: str, model: nn.Module, latent_avg: torch.Tensor | None = None) -> None:
+    """The authors' ``{'state_dict': encoder.*/decoder.*, 'opts'}`` onto a ``CLCAE`` (identical keys)."""
+    state = dict(_state_of(read_state(path), path))
+    if latent_avg is not None:
+        state["latent_avg"] = latent_avg.reshape(-1)
+    else:
+        state.setdefault("latent_avg", model.latent_avg)
+    load_into(model, state, path, "CLCAE inversion network", strict=True, allow_missing=("decoder.noises.",))
+
+
+CONTRASTIVE_LATENT_RENAMES = {"coarse.": "layers.0.", "medium.": "layers.1.", "fine.": "layers.2."}
+
+
+def map_official_contrastive(image_state: Mapping[str, torch.Tensor],
+                             latent_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The two authors' contrastive state_dicts -> one ``ContrastiveAligner`` state_dict (see module doc)."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in image_state.items():
+        out["logit_scale" if k == "logit_scale" else f"image_encoder.{k}"] = v
+    for k, v in latent_state.items():
+        for old, new in CONTRASTIVE_LATENT_RENAMES.items():
+            if k.startswith(old):
+                k = new + k[len(old):]
+                break
+        out[f"latent_encoder.{k}"] = v
+    return out
+
+
+def load_official_contrastive(image_path: str, latent_path: str, aligner: nn.Module) -> None:
+    state = map_official_contrastive(_state_of(read_state(image_path), image_path),
+                                     _state_of(read_state(latent_path), latent_path))
+    # The averages are not in the authors' files: they come from the generator (x_avg = G(latent_avg)).
+    load_into(aligner, state, f"{image_path} + {latent_path}", "contrastive module", strict=True,
+              allow_missing=("image_avg", "latent_avg"))
+
+
+def init_encoder_from_contrastive(aligner: nn.Module, model: nn.Module) -> int:
+    """Stage-2 init: copy the stage-1 image encoder (input_layer, body, styles.0, latlayers) into the CLCAE
+    encoder — what the authors' ``load_weights`` intends but, reading the wrapped file, never does."""
+    src = aligner.image_encoder.encoder.state_dict()
+    own = model.encoder.state_dict()
+    shared = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+    model.encoder.load_state_dict(shared, strict=False)
+    return len(shared)
+
+
+# ------------------------------------------------------------------------------------------ our format
+def save_checkpoint(path: str | os.PathLike, kind: str, model: nn.Module, config: Mapping[str, Any],
+                    **extra: Any) -> None:
+    """Our self-contained checkpoint: weights incl. latent_avg, the resolved config, and ``extra`` state."""
+    payload = {"format": CHECKPOINT_FORMAT, "kind": kind, "state_dict": model.state_dict(), "config": dict(config),
+               **extra}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    with fsspec.open(str(path), "wb") as fh:
+        fh.write(buf.getvalue())
+
+
+def read_checkpoint(path: str, kind: str | None = None) -> dict[str, Any]:
+    ckpt = read_state(path)
+    if not isinstance(ckpt, Mapping) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise WeightsError(f"{path} is not a clcae-platform checkpoint (format {CHECKPOINT_FORMAT!r}). For the "
+                           "authors' files use load_official_inversion / load_official_contrastive.")
+    if kind is not None and ckpt.get("kind") != kind:
+        raise WeightsError(f"{path} holds a {ckpt.get('kind')!r} checkpoint, expected {kind!r}")
+    return dict(ckpt)
