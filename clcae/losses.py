@@ -12,7 +12,6 @@ Where the authors' code (``training/inversion_coach.py``) differs from the paper
 from __future__ import annotations
 
 import logging
-import pickle
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from clcae.models.irse import IRSEBackbone
+from clcae.weights import load_into, read_state
 
 log = logging.getLogger(__name__)
 
@@ -147,38 +147,6 @@ def moco_encoder_state_dict(checkpoint: Any, name: str = "checkpoint") -> dict[s
     return state
 
 
-def _few(keys: list[str], n: int = 8) -> str:
-    more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
-def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], path: str | Path, source: str) -> None:
-    """``load_state_dict(strict=True)`` whose error names the file, the offending keys and the right file."""
-    try:
-        result = module.load_state_dict(state_dict, strict=False)
-    except RuntimeError as e:  # shape mismatches are raised even when strict=False
-        raise ValueError(f"{path} does not fit {type(module).__name__}: {e}. Expected {source}.") from e
-    problems = []
-    if result.missing_keys:
-        problems.append(f"missing keys: {_few(result.missing_keys)}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected keys: {_few(result.unexpected_keys)}")
-    if problems:
-        raise ValueError(f"{path} does not fit {type(module).__name__}; " + "; ".join(problems)
-                         + f". Expected {source}.")
-
-
-def read_checkpoint(path: str | Path, source: str) -> Any:
-    """``torch.load(weights_only=True)``; errors name the file and where the official one comes from."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}. The official file is {source}.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise ValueError(f"cannot read {path} as a torch checkpoint ({e}). Expected {source}.") from e
-
-
 def arcface_crop(x: Tensor, size: int = 112) -> Tensor:
     """pSp's crop of an aligned face (``[35:223, 32:220]`` at 256, same fractions at other sizes), pooled."""
     h, w = x.shape[-2:]
@@ -199,26 +167,26 @@ class IDLoss(FrozenModule):
     def __init__(self, network: str = "arcface", weights: str | Path | None = None,
                  backbone: str = "ir_se50"):
         super().__init__()
+        if network not in ("arcface", "moco"):
+            raise ValueError(f"unknown ID network {network!r}; choose 'arcface' (faces) or 'moco' (cars)")
         self.network = network
+        source = ARCFACE_SOURCE if network == "arcface" else MOCO_SOURCE
+        # Read the file before building the network, so a wrong path fails at once.
+        checkpoint = None if weights is None else read_state(weights, source=source)
         if network == "arcface":
             self.net: nn.Module = IRSEBackbone(backbone, input_size=112)
-            source = ARCFACE_SOURCE
-        elif network == "moco":
-            self.net = moco_resnet50()
-            source = MOCO_SOURCE
         else:
-            raise ValueError(f"unknown ID network {network!r}; choose 'arcface' (faces) or 'moco' (cars)")
-        if weights is None:
+            self.net = moco_resnet50()
+        if checkpoint is None:
             log.warning("IDLoss(%r) has random weights: the ID loss/similarity is meaningless. Pass the "
                         "official file: %s", network, source)
         else:
-            checkpoint = read_checkpoint(weights, source)
             if network == "moco":
                 checkpoint = moco_encoder_state_dict(checkpoint, str(weights))
             elif not isinstance(checkpoint, Mapping):
                 raise ValueError(f"{weights} holds a {type(checkpoint).__name__}, not a state_dict. "
                                  f"Expected {source}.")
-            load_strict(self.net, checkpoint, weights, source)
+            load_into(self.net, checkpoint, str(weights), f"{network} network", source=source)
         self.freeze()
 
     def embed(self, x: Tensor) -> Tensor:
@@ -275,6 +243,9 @@ def match_size(rec: Tensor, x: Tensor, name: str) -> Tensor:
     if rh * w != rw * h:
         raise ValueError(f"{name} is {rh}x{rw} but the input is {h}x{w}: the aspect ratios differ, crop the "
                          "reconstruction to the input's framing first")
+    if rh < h:
+        raise ValueError(f"{name} is {rh}x{rw}, smaller than the {h}x{w} input: render at least at the "
+                         "input's resolution (the losses only downsample)")
     return F.adaptive_avg_pool2d(rec, (h, w))
 
 

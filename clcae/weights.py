@@ -44,8 +44,12 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "clcae-platform/1"
 
 
-class WeightsError(RuntimeError):
-    """A weights file is missing, unreadable, or does not match the module it is loaded into."""
+class WeightsError(ValueError):
+    """A weights file is unreadable or does not match the module it is loaded into."""
+
+
+class MissingWeightsError(WeightsError, FileNotFoundError):
+    """A weights file does not exist."""
 
 
 # ------------------------------------------------------------------------------------------ registry
@@ -55,8 +59,11 @@ class OfficialFile:
     filename: str
     urls: tuple[str, ...]
     source: str
-    sha256: str | None = None     # None: no checksum is published; `clcae weights fetch` prints the one it got
-    size: int | None = None
+    # No checksum is published by the authors for any of these files.  ``sha256`` is set only where independent
+    # mirrors agree (a warning on mismatch, not a failure); ``md5_prefix`` is MoCo's own published one.
+    sha256: str | None = None
+    md5_prefix: str | None = None
+    folder: bool = False          # a Google Drive folder (needs `gdown --folder`)
     note: str = ""
 
 
@@ -64,62 +71,70 @@ def _drive(file_id: str) -> str:
     return f"https://drive.google.com/uc?id={file_id}"
 
 
+_E4E_RAW = "https://raw.githubusercontent.com/omertov/encoder4editing/main/editings"
+
 OFFICIAL: dict[str, OfficialFile] = {f.name: f for f in [
     OfficialFile("stylegan2-ffhq", "stylegan2-ffhq-config-f.pt", (_drive("1EM87UquaoQmk17Q8d5kYIAHqu0dkYqdT"),),
-                 "rosinality/stylegan2-pytorch conversion of NVlabs FFHQ config-f, as linked by pSp/e4e/CLCAE",
+                 "pSp/e4e/ReStyle/CLCAE READMEs ('FFHQ StyleGAN', rosinality conversion of NVlabs config-f)",
                  note="{'g_ema', 'latent_avg'}; 1024 px"),
-    OfficialFile("stylegan2-car", "stylegan2-car-config-f.pt", (_drive("1i-TPPV_LpI9HxqfYG5e-RXSxNJ8m4yxg"),),
-                 "e4e/ReStyle README (rosinality conversion of NVlabs LSUN Car config-f)",
+    OfficialFile("stylegan2-car", "stylegan2-car-config-f.pt", (_drive("1UmMHHB3DU1trTB8_9Fjkck5ZwArnD81B"),),
+                 "ReStyle README ('LSUN Car StyleGAN')",
                  note="512 px; the CLCAE README's 'Car StyleGAN' link repeats the FFHQ id (a bug)"),
     OfficialFile("ir-se50", "model_ir_se50.pth", (_drive("1KW7bjndL3QG3sxBbZxreGHigcCCpsDgn"),),
-                 "TreB1eN/InsightFace_Pytorch IR-SE50, as linked by pSp"),
+                 "TreB1eN/InsightFace_Pytorch IR-SE50, as linked by pSp/e4e/CLCAE ('IR-SE50 Model')",
+                 sha256="a035c768259b98ab1ce0e646312f48b9e1e218197a0f80ac6765e88f8b6ddf28"),
     OfficialFile("moco-v2", "moco_v2_800ep_pretrain.pt",
-                 ("https://dl.fbaipublicfiles.com/moco/moco_checkpoints/moco_v2_800ep/moco_v2_800ep_pretrain.pth.tar",),
-                 "facebookresearch/moco (pSp/e4e rename it to .pt)", note="{'state_dict': module.encoder_q.*}"),
-    OfficialFile("clcae-ffhq", "ffhq_inversion.pt", (), "KumapowerLIU/CLCAE README ('FFHQ_Inversion', Google Drive)",
-                 note="{'state_dict': encoder.*/decoder.*, 'opts'}; download by hand from the README link"),
-    OfficialFile("clcae-car", "car_inversion.pt", (), "KumapowerLIU/CLCAE README ('Car_Inversion', Google Drive)",
-                 note="download by hand from the README link"),
-    OfficialFile("clcae-ffhq-contrastive", "ffhq_cont/best_model_{image,latent}.pt", (),
-                 "KumapowerLIU/CLCAE README ('Contrastive model and data for FFHQ', a Drive folder)",
-                 note="two files: best_model_image.pt and best_model_latent.pt"),
-    OfficialFile("interfacegan-age", "editing/age.pt",
-                 ("https://raw.githubusercontent.com/omertov/encoder4editing/main/editings/interfacegan_directions/age.pt",),
+                 ("https://dl.fbaipublicfiles.com/moco/moco_checkpoints/moco_v2_800ep/moco_v2_800ep_pretrain.pth.tar",
+                  _drive("18rLcNGdteX5LwT7sv_F7HWr12HpVEzVe")),
+                 "facebookresearch/moco README (pSp/e4e link a renamed copy)", md5_prefix="a04e12f8",
+                 note="{'state_dict': module.encoder_q.*}"),
+    OfficialFile("curricularface", "CurricularFace_Backbone.pth", (_drive("1f4IwVa2-Bn9vWLwB-bUwm53U_MlvinAj"),),
+                 "pSp/ReStyle/CLCAE READMEs ('CurricularFace Backbone'), for the paper's ID metric"),
+    OfficialFile("clcae-ffhq", "clcae_ffhq_inversion.pt", (_drive("1gCsF8mHxjhExswCchz7UpXfe-NvAhIm9"),),
+                 "KumapowerLIU/CLCAE README ('FFHQ_Inversion')", note="{'state_dict': encoder.*/decoder.*, 'opts'}"),
+    OfficialFile("clcae-car", "clcae_car_inversion.pt", (_drive("1pd8M8CZoZWx_YkJzXTSJsCk-J41dtGmt"),),
+                 "KumapowerLIU/CLCAE README ('Car_Inversion')"),
+    OfficialFile("clcae-contrastive-ffhq", "ffhq_cont", (_drive("19Q75nlaZ8KVdUd6C9s2y6c1cKXuB90TS"),),
+                 "KumapowerLIU/CLCAE README ('Contrastive model and data for FFHQ')", folder=True,
+                 note="a folder: best_model_image.pt, best_model_latent.pt and the synthetic pairs"),
+    OfficialFile("clcae-contrastive-car", "car_cont", (_drive("1JzUJlBs_lRpOAU0gxDsftv4YQ1gqxXmg"),),
+                 "KumapowerLIU/CLCAE README ('Contrastive model and data for Car')",
+                 note="best_model_image.pt, best_model_latent.pt"),
+    OfficialFile("interfacegan-age", "editing/age.pt", (f"{_E4E_RAW}/interfacegan_directions/age.pt",),
                  "omertov/encoder4editing editings/interfacegan_directions"),
-    OfficialFile("interfacegan-smile", "editing/smile.pt",
-                 ("https://raw.githubusercontent.com/omertov/encoder4editing/main/editings/interfacegan_directions/smile.pt",),
+    OfficialFile("interfacegan-smile", "editing/smile.pt", (f"{_E4E_RAW}/interfacegan_directions/smile.pt",),
                  "omertov/encoder4editing editings/interfacegan_directions"),
-    OfficialFile("interfacegan-pose", "editing/pose.pt",
-                 ("https://raw.githubusercontent.com/omertov/encoder4editing/main/editings/interfacegan_directions/pose.pt",),
+    OfficialFile("interfacegan-pose", "editing/pose.pt", (f"{_E4E_RAW}/interfacegan_directions/pose.pt",),
                  "omertov/encoder4editing editings/interfacegan_directions"),
-    OfficialFile("ganspace-ffhq", "editing/ffhq_pca.pt",
-                 ("https://raw.githubusercontent.com/omertov/encoder4editing/main/editings/ganspace_pca/ffhq_pca.pt",),
+    OfficialFile("ganspace-ffhq", "editing/ffhq_pca.pt", (f"{_E4E_RAW}/ganspace_pca/ffhq_pca.pt",),
                  "omertov/encoder4editing editings/ganspace_pca"),
-    OfficialFile("ganspace-cars", "editing/cars_pca.pt",
-                 ("https://raw.githubusercontent.com/omertov/encoder4editing/main/editings/ganspace_pca/cars_pca.pt",),
+    OfficialFile("ganspace-cars", "editing/cars_pca.pt", (f"{_E4E_RAW}/ganspace_pca/cars_pca.pt",),
                  "omertov/encoder4editing editings/ganspace_pca"),
 ]}
 
 
-def where_from(path: str | os.PathLike) -> str:
-    """A hint naming the official source of a file, matched on its file name."""
+def where_from(path: str | os.PathLike, source: str | None = None) -> str:
+    """A hint naming the official source of a file, matched on its file name (or given)."""
+    if source:
+        return f" Expected {source}."
     name = Path(str(path)).name
     for f in OFFICIAL.values():
-        if Path(f.filename).name == name or (name.startswith("best_model_") and "best_model" in f.filename):
+        if Path(f.filename).name == name or (name.startswith("best_model_") and f.folder):
             how = f"`clcae weights fetch {f.name}`" if f.urls else "download it by hand"
             return f" It is the official file {f.filename!r} from {f.source}; {how}."
     return " See README 'Real weights' for the official files and where they go."
 
 
 # ------------------------------------------------------------------------------------------ reading
-def read_state(path: str | os.PathLike, extra_safe_globals: Iterable[Any] = ()) -> Any:
-    """torch.load(weights_only=True) from a local path or any fsspec URI, with errors that name the file."""
+def read_state(path: str | os.PathLike, extra_safe_globals: Iterable[Any] = (), source: str | None = None) -> Any:
+    """torch.load(weights_only=True) from a local path or any fsspec URI, with errors that name the file
+    and where the official one comes from (``source``, else guessed from the file name)."""
     path = str(path)
     try:
         with fsspec.open(path, "rb") as fh:
             data = fh.read()
     except FileNotFoundError:
-        raise WeightsError(f"weights file not found: {path}.{where_from(path)}") from None
+        raise MissingWeightsError(f"weights file not found: {path}.{where_from(path, source)}") from None
     except Exception as exc:  # noqa: BLE001 - storage errors come in many types; all get the path attached
         raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
     try:
@@ -127,7 +142,7 @@ def read_state(path: str | os.PathLike, extra_safe_globals: Iterable[Any] = ()) 
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         raise WeightsError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})."
-                           f"{where_from(path)}") from exc
+                           f"{where_from(path, source)}") from exc
 
 
 def _summarise(keys: Iterable[str], limit: int = 8) -> str:
@@ -137,7 +152,8 @@ def _summarise(keys: Iterable[str], limit: int = 8) -> str:
 
 
 def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], path: str, what: str,
-              strict: bool = True, allow_missing: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+              strict: bool = True, allow_missing: Iterable[str] = (), source: str | None = None
+              ) -> tuple[list[str], list[str]]:
     """load_state_dict with a WeightsError naming the file, missing/unexpected keys and shape mismatches."""
     own = module.state_dict()
     allow = tuple(allow_missing)
@@ -153,7 +169,7 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], path: str, w
             parts.append(f"unexpected keys ({len(unexpected)}): {_summarise(unexpected)}")
         if mismatched:
             parts.append(f"shape mismatches ({len(mismatched)}): {_summarise(mismatched, 4)}")
-        raise WeightsError("\n  ".join(parts) + "\n " + where_from(path))
+        raise WeightsError("\n  ".join(parts) + "\n " + where_from(path, source))
     module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return missing, unexpected
 

@@ -1,0 +1,324 @@
+"""Inference latency: the StyleGAN2 generator, the full CLCAE inversion and the pSp path, in one run.
+
+Prints JSON with ms/image for each (generator size, batch) and the ratios the project tracks:
+
+* ``generator``            G.synthesis(w+) alone (no encoder, no pooling).
+* ``clcae_inference``      what a user gets: ``Inverter.invert(x)`` on a preprocessed (B, 3, 256, 256) tensor =
+                           IR-SE50 + FPN + map2style + W+ and F cross-attention (eval mode) + G(w+, f) + pooling.
+* ``psp``                  pSp's GradualStyleEncoder (the same IR-SE50 + FPN, N map2style blocks split 3/4/rest
+                           on c3/p2/p1) + one generator pass G(w+) + pooling, as pSp's ``forward``.
+* ``clcae_train_forward``  ``CLCAE.forward(x)``: the training-style forward with G(w), G(w+) and G(w+, f).
+
+All weights are random at the official sizes (IR-SE50, 256x256 input, style_dim 512, the official channel
+table): nothing is read from disk or downloaded.  The models come from ``load_config`` + ``build_clcae``, the
+code path users run.  The pSp encoder is built here from the library's ``PyramidEncoder`` and
+``GradualStyleBlock`` and shares the CLCAE model's generator, so both paths render with the same weights.
+
+Timing: ``torch.inference_mode``, warm-up calls per case, then ``repeats`` rounds in which every case runs once
+(the order rotates each round, so load from other processes hits all cases alike); wall clock by
+``time.perf_counter`` with ``torch.cuda.synchronize()`` on CUDA.  Reported: median and min per image, and the
+CLCAE/pSp ratio both as a ratio of medians and as the median of the per-round ratios.
+
+    python bench/inference.py --quick
+    python bench/inference.py --out bench_inference.json            # 256 and 1024, batch 1 and 8
+    python bench/inference.py --device cuda --repeats 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clcae.config import CLCAEConfig, load_config
+from clcae.factory import build_clcae
+from clcae.inference import Inverter, pick_device
+from clcae.models.clcae import CLCAE
+from clcae.models.encoder import GradualStyleBlock, PyramidEncoder
+from clcae.models.stylegan2 import Generator
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "ffhq.yaml"
+CASES = ("generator", "clcae_inference", "psp", "clcae_train_forward")
+TARGET_RATIO = 1.3            # issue: full CLCAE inference at most 1.3x the pSp path
+PAPER_SECONDS = {"clcae": 0.080, "psp": 0.028}  # the paper's runtime table (GPU, authors' timing)
+# A call that takes longer than this (ms) gets fewer repeats, so a default CPU run stays within minutes.
+SLOW_CALL_MS = 20_000.0
+
+
+class PSPEncoder(PyramidEncoder):
+    """pSp's GradualStyleEncoder: IR-SE + FPN, one map2style block per w+ layer.
+
+    pSp's split: styles [0, 3) read c3 (16x16), [3, 7) read p2 (32x32), the rest p1 (64x64).  Outputs
+    (B, N, D) offsets from latent_avg (pSp's ``start_from_latent_avg``).
+    """
+
+    coarse_ind, middle_ind = 3, 7
+
+    def __init__(self, n_styles: int, backbone: str = "ir_se50", input_size: tuple[int, int] = (256, 256),
+                 style_dim: int = 512):
+        super().__init__(backbone, input_size, width=style_dim)
+        self.n_styles, self.style_dim = n_styles, style_dim
+        self.styles = nn.ModuleList(
+            GradualStyleBlock(self.width, style_dim, getattr(self.shapes, self.source_of(i))) for i in range(n_styles)
+        )
+
+    def source_of(self, i: int) -> str:
+        return "t1" if i < self.coarse_ind else ("t2" if i < self.middle_ind else "t3")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t1, t2, t3 = self.pyramid(x)
+        maps = {"t1": t1, "t2": t2, "t3": t3}
+        return torch.stack([block(maps[self.source_of(i)]) for i, block in enumerate(self.styles)], dim=1)
+
+
+class PSP(nn.Module):
+    """pSp inference: codes = encoder(x) + latent_avg, image = face_pool(G(codes)).  Reuses CLCAE's generator."""
+
+    def __init__(self, encoder: PSPEncoder, model: CLCAE):
+        super().__init__()
+        self.encoder = encoder
+        self.model = model  # decoder, latent_avg and the pooling to the input size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        w_plus = m.latent_avg + self.encoder(x)
+        return m.to_input_resolution(m.decoder.synthesis(w_plus))
+
+
+# ---------------------------------------------------------------------------------------------- models
+def bench_config(config: Path, size: int, extra: Sequence[str] = ()) -> CLCAEConfig:
+    """The user config at ``size`` with random weights: no generator checkpoint, no IR-SE50 init."""
+    overrides = [f"generator.size={size}", "generator.checkpoint=null", "encoder.pretrained=null", *extra]
+    return load_config(config, overrides)
+
+
+def build_models(cfg: CLCAEConfig, device: torch.device, seed: int = 0) -> tuple[Inverter, PSP]:
+    torch.manual_seed(seed)
+    model = build_clcae(cfg, load_pretrained=False)
+    inverter = Inverter(model, device=str(device), model_id=f"bench:{cfg.name}:{cfg.generator.size}")
+    torch.manual_seed(seed + 1)
+    g = model.decoder
+    enc = PSPEncoder(g.n_latent, cfg.encoder.backbone, tuple(cfg.encoder.input_size), g.style_dim)
+    psp = PSP(enc, inverter.model).to(device).eval().requires_grad_(False)
+    return inverter, psp
+
+
+def case_functions(inverter: Inverter, psp: PSP, batch: int, device: torch.device
+                   ) -> dict[str, Callable[[], Any]]:
+    model = inverter.model
+    g: Generator = model.decoder
+    gen = torch.Generator().manual_seed(batch)
+    h, w = inverter.input_size
+    x = (torch.rand(batch, 3, h, w, generator=gen) * 2 - 1).to(device)
+    w_plus = (model.latent_avg.cpu() + 0.5 * torch.randn(batch, g.n_latent, g.style_dim, generator=gen)).to(device)
+    return {
+        "generator": lambda: g.synthesis(w_plus),
+        "clcae_inference": lambda: inverter.invert(x),
+        "psp": lambda: psp(x),
+        "clcae_train_forward": lambda: model(x),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall-clock ms of one call, the device drained before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def run_group(fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int, repeats: int,
+              budget_ms: float) -> tuple[dict[str, list[float]], int]:
+    """Warm every case up, then ``repeats`` rounds with every case once, in a rotating order.
+
+    Returns per-case call times (ms) and the repeats actually run: when the warm-up shows one round would
+    take longer than ``budget_ms``, the repeats drop (never below 3) so slow groups stay bounded.
+    """
+    names = list(fns)
+    last: dict[str, float] = {}
+    with torch.inference_mode():
+        for name in names:
+            for _ in range(warmup):
+                last[name] = timed(fns[name], device)
+        round_ms = sum(last.values())
+        if round_ms * repeats > budget_ms:
+            repeats = max(3, min(repeats, int(budget_ms // round_ms)))
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                times[name].append(timed(fns[name], device))
+    return times, repeats
+
+
+def summarise(call_ms: list[float], batch: int) -> dict[str, Any]:
+    per_image = [t / batch for t in call_ms]
+    return {
+        "ms_per_image_median": round(statistics.median(per_image), 2),
+        "ms_per_image_min": round(min(per_image), 2),
+        "ms_per_call_median": round(statistics.median(call_ms), 2),
+        "calls_ms": [round(t, 2) for t in call_ms],
+    }
+
+
+def ratios(times: dict[str, list[float]]) -> dict[str, float]:
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out: dict[str, float] = {}
+    if "clcae_inference" in med and "psp" in med:
+        out["clcae_inference_over_psp"] = round(med["clcae_inference"] / med["psp"], 3)
+        out["clcae_inference_over_psp_min"] = round(min(times["clcae_inference"]) / min(times["psp"]), 3)
+        # Same round = similar background load: the paired ratio is the steadier figure on a busy machine.
+        paired = [a / b for a, b in zip(times["clcae_inference"], times["psp"])]
+        out["clcae_inference_over_psp_paired_median"] = round(statistics.median(paired), 3)
+    if "generator" in med:
+        for name in ("clcae_inference", "psp"):
+            if name in med:
+                out[f"generator_share_of_{name}"] = round(med["generator"] / med[name], 3)
+    if "clcae_train_forward" in med and "clcae_inference" in med:
+        out["clcae_train_forward_over_clcae_inference"] = round(
+            med["clcae_train_forward"] / med["clcae_inference"], 3)
+    return out
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    scale = 1 / 1024 / 1024 if sys.platform == "darwin" else 1 / 1024
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, 1)
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- main
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = pick_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch; use --device cpu or auto")
+    report: dict[str, Any] = {
+        "benchmark": "bench/inference.py",
+        **machine(device),
+        "config": str(args.config),
+        "weights": "random init at the config's sizes (generator.checkpoint=null, encoder.pretrained=null)",
+        "input_size": None,
+        "warmup": args.warmup,
+        "repeats_requested": args.repeats,
+        "cases": list(args.cases),
+        "method": "torch.inference_mode; warm-up calls per case, then rounds with every case once in a rotating "
+                  "order; time.perf_counter wall clock" + (" with torch.cuda.synchronize" if device.type == "cuda"
+                                                          else ""),
+        "results": [],
+    }
+    for size in args.sizes:
+        cfg = bench_config(args.config, size, args.set)
+        inverter, psp = build_models(cfg, device)
+        report["input_size"] = list(inverter.input_size)
+        for batch in args.batches:
+            fns = {k: v for k, v in case_functions(inverter, psp, batch, device).items() if k in args.cases}
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times, repeats = run_group(fns, device, args.warmup, args.repeats, args.budget_s * 1e3)
+            entry: dict[str, Any] = {
+                "size": size, "batch": batch, "n_latent": inverter.model.decoder.n_latent,
+                "warmup": args.warmup, "repeats": repeats,
+                "cases": {k: summarise(v, batch) for k, v in times.items()},
+                "ratios": ratios(times),
+                "peak_rss_mb_so_far": peak_rss_mb(),
+            }
+            if repeats < args.repeats:
+                entry["note"] = (f"repeats reduced from {args.repeats} to {repeats}: one round took longer than "
+                                 f"the {args.budget_s:.0f} s group budget allows")
+            if device.type == "cuda":
+                entry["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+            report["results"].append(entry)
+            print(f"[bench] size {size} batch {batch}: " + ", ".join(
+                f"{k} {v['ms_per_image_median']:.1f} ms/img" for k, v in entry["cases"].items())
+                  + f"; ratios {entry['ratios']}", file=sys.stderr, flush=True)
+        del inverter, psp
+    report["target"] = target_summary(report["results"])
+    if hasattr(os, "getloadavg"):
+        report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return report
+
+
+def target_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    got = {f"{r['size']}x{r['batch']}": r["ratios"].get("clcae_inference_over_psp") for r in results}
+    got = {k: v for k, v in got.items() if v is not None}
+    return {
+        "max_clcae_inference_over_psp": TARGET_RATIO,
+        "paper_ratio": round(PAPER_SECONDS["clcae"] / PAPER_SECONDS["psp"], 2),
+        "paper_seconds": PAPER_SECONDS,
+        "clcae_inference_over_psp": got,
+        "met": bool(got) and all(v <= TARGET_RATIO for v in got.values()),
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 1024], help="generator sizes")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per (size, batch)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per case before timing (>= 2)")
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    p.add_argument("--budget-s", type=float, default=150.0,
+                   help="time allowed for the timed rounds of one (size, batch); slower groups run fewer "
+                        "repeats (at least 3)")
+    p.add_argument("--quick", action="store_true", help="size 256, batch 1, 3 repeats")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.batches, args.repeats = [256], [1], min(args.repeats, 3)
+    if args.warmup < 2:
+        p.error(f"--warmup must be >= 2 (got {args.warmup}): the first calls pay for allocation and kernel setup")
+    if args.repeats < 1 or min(args.batches) < 1:
+        p.error("--repeats and --batches must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    report = run(args)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

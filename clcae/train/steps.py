@@ -1,0 +1,116 @@
+"""One optimisation step per stage, in plain PyTorch.  The Ray Train loop (and the demo, and the fidelity
+benchmark) drive these; nothing here knows about Ray.
+
+Stage 1 (contrastive): the aligner on (image, w) pairs, symmetric InfoNCE, negatives gathered across workers.
+Stage 2 (inversion): the CLCAE encoder with the generator and the stage-1 module frozen; Ranger (RAdam +
+Lookahead) on the encoder only, the f blend ramping 0 -> 1 once over ``model.f_ramp_steps``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from clcae.config import CLCAEConfig
+from clcae.losses import InversionCriterion
+from clcae.models.clcae import CLCAE
+from clcae.models.contrastive import ContrastiveAligner, info_nce
+
+
+def ranger(params: Iterable[nn.Parameter], cfg: CLCAEConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """Ranger as the authors use it: torch's RAdam under timm's Lookahead (k=6, alpha=0.5).
+
+    The authors' vendored ranger.py also centralises gradients; timm's Lookahead over RAdam does not. Noted in
+    the README's deviations.
+    """
+    from timm.optim import Lookahead
+
+    o = cfg.optim
+    base = torch.optim.RAdam(params, lr=lr or o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    return Lookahead(base, alpha=o.lookahead_alpha, k=o.lookahead_k)
+
+
+def f_blend(step: int, ramp_steps: int) -> float:
+    """The f blend: 0 at step 0, 1 from ``ramp_steps`` on (a one-time ramp, as FS does; the authors' code
+    restarts the ramp every epoch)."""
+    return 1.0 if ramp_steps <= 0 else min(1.0, step / ramp_steps)
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All workers' rows (this worker's keep their gradient) and this worker's row offset."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    from torch.distributed.nn.functional import all_gather
+
+    parts = all_gather(x)  # differentiable: gradients flow back to every worker's own rows
+    offset = sum(p.shape[0] for p in parts[: dist.get_rank()])
+    return torch.cat(parts), offset
+
+
+class ContrastiveStep:
+    def __init__(self, cfg: CLCAEConfig, aligner: ContrastiveAligner):
+        self.cfg, self.aligner = cfg, aligner
+        c = cfg.contrastive
+        params = [p for p in aligner.parameters() if p.requires_grad]
+        if c.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=c.lr)
+        else:
+            self.optimizer = ranger(params, cfg, lr=c.lr)
+
+    def modules(self) -> dict[str, Any]:
+        return {"model": self.aligner, "optimizer": self.optimizer}
+
+    def __call__(self, images: torch.Tensor, w: torch.Tensor, step: int) -> dict[str, float]:
+        self.aligner.train()
+        img, lat = self.aligner.embed(images, w)
+        all_img, offset = gather_with_grad(img)
+        all_lat, _ = gather_with_grad(lat)
+        scale = self.aligner.scale()
+        loss = info_nce(img, lat, scale, self.aligner.lambda_image, all_img, all_lat, offset)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            acc = (img @ all_lat.t()).argmax(1).eq(torch.arange(len(img), device=img.device) + offset).float().mean()
+        return {"loss": loss.item(), "logit_scale": scale.item(), "accuracy": acc.item()}
+
+
+class InversionStep:
+    def __init__(self, cfg: CLCAEConfig, model: CLCAE, aligner: ContrastiveAligner | None = None):
+        self.cfg, self.model = cfg, model
+        use_align = cfg.model.use_align and cfg.loss.align > 0
+        if use_align and aligner is None:
+            raise ValueError("L_align is on (model.use_align, loss.align > 0) but no stage-1 module was given")
+        self.aligner = aligner.freeze() if use_align else None
+        self.criterion = InversionCriterion(cfg.loss, align=self._align if use_align else None)
+        self.optimizer = ranger(model.encoder.parameters(), cfg)
+
+    def _align(self, images: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.aligner(images, w)
+
+    def modules(self) -> dict[str, Any]:
+        return {"model": self.model, "optimizer": self.optimizer}
+
+    def to(self, device: torch.device) -> InversionStep:
+        self.model.to(device)
+        self.criterion.to(device)
+        if self.aligner is not None:
+            self.aligner.to(device)
+        return self
+
+    def __call__(self, images: torch.Tensor, step: int) -> dict[str, float]:
+        self.model.train()
+        blend = f_blend(step, self.cfg.model.f_ramp_steps)
+        out = self.model(images, f_blend=blend)
+        loss, terms = self.criterion(images, out, f_blend=blend)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.encoder.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        return {**terms, "f_blend": blend}
