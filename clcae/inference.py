@@ -5,7 +5,6 @@ job and Serve (one piece of code, two front doors).
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,19 +16,12 @@ from PIL import Image
 from torch.nn import functional as F
 
 from clcae.config import CLCAEConfig, from_dict
+from clcae.data.images import InputError, decode_image, pil_to_tensor
 from clcae.editing import DirectionRegistry, Edits
 from clcae.factory import build_clcae
 from clcae.models.clcae import CLCAE
 
 log = logging.getLogger(__name__)
-
-# Decompression-bomb guard: far above any real photo, far below what would exhaust memory.
-MAX_PIXELS = 64_000_000
-
-
-class InputError(ValueError):
-    """An input image or latent that cannot be used, with the reason."""
-
 
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
@@ -170,75 +162,6 @@ def directions_from_config(cfg: CLCAEConfig) -> DirectionRegistry:
     spec = {name: {k: v for k, v in dataclasses.asdict(d).items() if v is not None}
             for name, d in cfg.directions.items()}
     return DirectionRegistry.from_config(spec, style_dim=cfg.generator.style_dim)
-
-
-# ---------------------------------------------------------------------------------------- image I/O
-def decode_image(data: bytes) -> Image.Image:
-    """Encoded bytes -> RGB PIL image, with an InputError saying why for anything unusable."""
-    if not data:
-        raise InputError("empty file (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise InputError(f"image is {im.width}x{im.height}: over the {MAX_PIXELS:,}-pixel limit")
-            im.load()
-            return to_rgb(im)
-    except InputError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"image refused as a decompression bomb: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt data
-        raise InputError(f"not a readable image ({type(exc).__name__}: {exc})") from None
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: alpha is composited on white, 16-bit is scaled, palettes and CMYK converted."""
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
-def pil_to_tensor(im: Image.Image | np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """RGB image -> (3, H, W) float in [-1, 1], resized (bicubic, antialiased by PIL) to ``size`` = (H, W)."""
-    if isinstance(im, np.ndarray):
-        if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
-            raise InputError(f"expected an HxWx3 uint8 array, got {im.shape} {im.dtype}")
-        im = Image.fromarray(im)
-    im = to_rgb(im)
-    if im.size != (size[1], size[0]):
-        im = im.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-    arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float()
-    return arr / 127.5 - 1.0
-
-
-def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> RGB PIL images (clamped)."""
-    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in arr]
-
-
-def encode_png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def image_grid(rows: Sequence[Sequence[Image.Image]]) -> Image.Image:
-    """Rows of equally sized images -> one grid image."""
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
-    for i, row in enumerate(rows):
-        for j, im in enumerate(row):
-            grid.paste(im, (j * w, i * h))
-    return grid
 
 
 def merge_overrides(stored: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

@@ -20,9 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clcae.config import DirectionConfig, load_config  # noqa: E402
+from clcae.data.images import image_grid, tensor_to_pil  # noqa: E402
 from clcae.editing import GANSpacePCA, save_ganspace, save_interfacegan  # noqa: E402
 from clcae.factory import build_clcae  # noqa: E402
-from clcae.inference import Inverter, image_grid, tensor_to_pil  # noqa: E402
+from clcae.inference import Inverter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("demo")
