@@ -7,7 +7,8 @@ Prints JSON with ms/image for each (generator size, batch) and the ratios the pr
                            IR-SE50 + FPN + map2style + W+ and F cross-attention (eval mode) + G(w+, f) + pooling.
 * ``psp``                  pSp's GradualStyleEncoder (the same IR-SE50 + FPN, N map2style blocks split 3/4/rest
                            on c3/p2/p1) + one generator pass G(w+) + pooling, as pSp's ``forward``.
-* ``clcae_train_forward``  ``CLCAE.forward(x)``: the training-style forward with G(w), G(w+) and G(w+, f).
+* ``clcae_train_forward``  ``CLCAE.forward(x)``: the training-style forward with G(w), G(w+) and G(w+, f)
+                           (eval mode, no autograd; by default at batch 1 only, see --train-forward-batches).
 
 All weights are random at the official sizes (IR-SE50, 256x256 input, style_dim 512, the official channel
 table): nothing is read from disk or downloaded.  The models come from ``load_config`` + ``build_clcae``, the
@@ -17,7 +18,8 @@ code path users run.  The pSp encoder is built here from the library's ``Pyramid
 Timing: ``torch.inference_mode``, warm-up calls per case, then ``repeats`` rounds in which every case runs once
 (the order rotates each round, so load from other processes hits all cases alike); wall clock by
 ``time.perf_counter`` with ``torch.cuda.synchronize()`` on CUDA.  Reported: median and min per image, and the
-CLCAE/pSp ratio both as a ratio of medians and as the median of the per-round ratios.
+CLCAE/pSp ratio both as a ratio of medians and as the median of the per-round ratios.  Groups whose rounds are
+slow (1024 x 8 on a laptop CPU) run fewer rounds, down to one, within ``--budget-s``; the JSON says so.
 
     python bench/inference.py --quick
     python bench/inference.py --out bench_inference.json            # 256 and 1024, batch 1 and 8
@@ -53,8 +55,6 @@ DEFAULT_CONFIG = ROOT / "configs" / "ffhq.yaml"
 CASES = ("generator", "clcae_inference", "psp", "clcae_train_forward")
 TARGET_RATIO = 1.3            # issue: full CLCAE inference at most 1.3x the pSp path
 PAPER_SECONDS = {"clcae": 0.080, "psp": 0.028}  # the paper's runtime table (GPU, authors' timing)
-# A call that takes longer than this (ms) gets fewer repeats, so a default CPU run stays within minutes.
-SLOW_CALL_MS = 20_000.0
 
 
 class PSPEncoder(PyramidEncoder):
@@ -147,26 +147,26 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 def run_group(fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int, repeats: int,
-              budget_ms: float) -> tuple[dict[str, list[float]], int]:
-    """Warm every case up, then ``repeats`` rounds with every case once, in a rotating order.
+              budget_ms: float) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Warm every case up, then up to ``repeats`` rounds with every case once, in a rotating order.
 
-    Returns per-case call times (ms) and the repeats actually run: when the warm-up shows one round would
-    take longer than ``budget_ms``, the repeats drop (never below 3) so slow groups stay bounded.
+    Returns per-case warm-up and timed call times (ms).  When the last warm-up round says the timed rounds
+    would take longer than ``budget_ms``, fewer rounds run (at least one): on 2 CPU cores one round at
+    1024 x 8 takes minutes, and each of its calls already averages over 8 images.
     """
     names = list(fns)
-    last: dict[str, float] = {}
+    warm: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
     with torch.inference_mode():
         for name in names:
             for _ in range(warmup):
-                last[name] = timed(fns[name], device)
-        round_ms = sum(last.values())
-        if round_ms * repeats > budget_ms:
-            repeats = max(3, min(repeats, int(budget_ms // round_ms)))
-        times: dict[str, list[float]] = {n: [] for n in names}
+                warm[name].append(timed(fns[name], device))
+        round_ms = sum(w[-1] for w in warm.values())
+        repeats = max(1, min(repeats, int(budget_ms // max(round_ms, 1e-3))))
         for r in range(repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 times[name].append(timed(fns[name], device))
-    return times, repeats
+    return warm, times
 
 
 def summarise(call_ms: list[float], batch: int) -> dict[str, Any]:
@@ -235,30 +235,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": args.warmup,
         "repeats_requested": args.repeats,
         "cases": list(args.cases),
+        "train_forward_batches": list(args.train_forward_batches),
+        "budget_s_per_group": args.budget_s,
         "method": "torch.inference_mode; warm-up calls per case, then rounds with every case once in a rotating "
                   "order; time.perf_counter wall clock" + (" with torch.cuda.synchronize" if device.type == "cuda"
                                                           else ""),
         "results": [],
     }
+    start = time.perf_counter()
     for size in args.sizes:
         cfg = bench_config(args.config, size, args.set)
         inverter, psp = build_models(cfg, device)
         report["input_size"] = list(inverter.input_size)
         for batch in args.batches:
-            fns = {k: v for k, v in case_functions(inverter, psp, batch, device).items() if k in args.cases}
+            cases = [c for c in args.cases if c != "clcae_train_forward" or batch in args.train_forward_batches]
+            fns = {k: v for k, v in case_functions(inverter, psp, batch, device).items() if k in cases}
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            times, repeats = run_group(fns, device, args.warmup, args.repeats, args.budget_s * 1e3)
+            t0 = time.perf_counter()
+            warm, times = run_group(fns, device, args.warmup, args.repeats, args.budget_s * 1e3)
+            repeats = len(next(iter(times.values())))
             entry: dict[str, Any] = {
                 "size": size, "batch": batch, "n_latent": inverter.model.decoder.n_latent,
-                "warmup": args.warmup, "repeats": repeats,
-                "cases": {k: summarise(v, batch) for k, v in times.items()},
+                "warmup": args.warmup, "repeats": repeats, "group_wall_s": round(time.perf_counter() - t0, 1),
+                "cases": {k: {**summarise(v, batch), "warmup_calls_ms": [round(t, 2) for t in warm[k]]}
+                          for k, v in times.items()},
                 "ratios": ratios(times),
                 "peak_rss_mb_so_far": peak_rss_mb(),
             }
             if repeats < args.repeats:
-                entry["note"] = (f"repeats reduced from {args.repeats} to {repeats}: one round took longer than "
-                                 f"the {args.budget_s:.0f} s group budget allows")
+                entry["note"] = (f"repeats reduced from {args.repeats} to {repeats}: {args.repeats} rounds would "
+                                 f"exceed the {args.budget_s:g} s budget for the timed rounds of one group")
             if device.type == "cuda":
                 entry["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             report["results"].append(entry)
@@ -267,6 +274,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   + f"; ratios {entry['ratios']}", file=sys.stderr, flush=True)
         del inverter, psp
     report["target"] = target_summary(report["results"])
+    report["total_wall_s"] = round(time.perf_counter() - start, 1)
     if hasattr(os, "getloadavg"):
         report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return report
@@ -293,9 +301,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per (size, batch)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per case before timing (>= 2)")
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
-    p.add_argument("--budget-s", type=float, default=150.0,
-                   help="time allowed for the timed rounds of one (size, batch); slower groups run fewer "
-                        "repeats (at least 3)")
+    p.add_argument("--train-forward-batches", type=int, nargs="*", default=[1], metavar="B",
+                   help="batches at which clcae_train_forward runs (default 1: at 1024 x 8 its 24-image "
+                        "generator suffix would need an estimated 10+ GB and minutes per call on CPU)")
+    p.add_argument("--budget-s", type=float, default=75.0,
+                   help="seconds allowed for the timed rounds of one (size, batch); slower groups run fewer "
+                        "repeats (at least 1), stated in the JSON")
     p.add_argument("--quick", action="store_true", help="size 256, batch 1, 3 repeats")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")

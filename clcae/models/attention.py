@@ -44,6 +44,7 @@ class CrossAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)  # unused (as in the authors' code); kept for their state_dict
+        self.norm1.requires_grad_(False)     # so DDP does not wait for gradients that never come
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
         self.dropout2 = nn.Dropout(dropout)

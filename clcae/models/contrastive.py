@@ -42,6 +42,9 @@ class ImageEncoder(nn.Module):
                  projection_dim: int = 512):
         super().__init__()
         self.encoder = WEncoder(backbone, input_size, style_dim)
+        # The FPN laterals exist in the authors' checkpoint but the image branch only uses T1.
+        self.encoder.latlayer1.requires_grad_(False)
+        self.encoder.latlayer2.requires_grad_(False)
         self.image_projection = Projection(style_dim, projection_dim, projection_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,8 +108,11 @@ class ContrastiveAligner(nn.Module):
         """Normalised embeddings of (images - x_avg) and (w - w_avg); images in [-1, 1] at the input size."""
         return self.image_encoder(images - self.image_avg), self.latent_encoder(w - self.latent_avg)
 
-    def forward(self, images: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """InfoNCE over the local batch."""
+    def forward(self, images: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embed(images, w)
+
+    def loss(self, images: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """InfoNCE over the local batch (L_align when frozen)."""
         img, lat = self.embed(images, w)
         return info_nce(img, lat, self.scale(), self.lambda_image)
 

@@ -8,6 +8,7 @@ Lookahead) on the encoder only, the f blend ramping 0 -> 1 once over ``model.f_r
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -55,6 +56,8 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 class ContrastiveStep:
     def __init__(self, cfg: CLCAEConfig, aligner: ContrastiveAligner):
         self.cfg, self.aligner = cfg, aligner
+        self.model = aligner
+        self.net: nn.Module = aligner  # what forward goes through: the model, or its DDP wrapper
         c = cfg.contrastive
         params = [p for p in aligner.parameters() if p.requires_grad]
         if c.optimizer == "adam":
@@ -65,9 +68,16 @@ class ContrastiveStep:
     def modules(self) -> dict[str, Any]:
         return {"model": self.aligner, "optimizer": self.optimizer}
 
+    def to(self, device: torch.device) -> ContrastiveStep:
+        self.aligner.to(device)
+        return self
+
+    def samples(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return []
+
     def __call__(self, images: torch.Tensor, w: torch.Tensor, step: int) -> dict[str, float]:
         self.aligner.train()
-        img, lat = self.aligner.embed(images, w)
+        img, lat = self.net(images, w)
         all_img, offset = gather_with_grad(img)
         all_lat, _ = gather_with_grad(lat)
         scale = self.aligner.scale()
@@ -83,15 +93,17 @@ class ContrastiveStep:
 class InversionStep:
     def __init__(self, cfg: CLCAEConfig, model: CLCAE, aligner: ContrastiveAligner | None = None):
         self.cfg, self.model = cfg, model
+        self.net: nn.Module = model  # what forward goes through: the model, or its DDP wrapper
         use_align = cfg.model.use_align and cfg.loss.align > 0
         if use_align and aligner is None:
             raise ValueError("L_align is on (model.use_align, loss.align > 0) but no stage-1 module was given")
         self.aligner = aligner.freeze() if use_align else None
-        self.criterion = InversionCriterion(cfg.loss, align=self._align if use_align else None)
+        loss_cfg = cfg.loss if use_align else dataclasses.replace(cfg.loss, align=0.0)
+        self.criterion = InversionCriterion(loss_cfg, align=self._align if use_align else None)
         self.optimizer = ranger(model.encoder.parameters(), cfg)
 
     def _align(self, images: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return self.aligner(images, w)
+        return self.aligner.loss(images, w)
 
     def modules(self) -> dict[str, Any]:
         return {"model": self.model, "optimizer": self.optimizer}
@@ -103,10 +115,18 @@ class InversionStep:
             self.aligner.to(device)
         return self
 
+    @torch.no_grad()
+    def samples(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Columns of a sample grid: input | G(w) | G(w+) | G(w+, f)."""
+        self.model.eval()
+        out = self.model(images)
+        self.model.train()
+        return [images, out.image_w, out.image_w_plus, out.image_f]
+
     def __call__(self, images: torch.Tensor, step: int) -> dict[str, float]:
         self.model.train()
         blend = f_blend(step, self.cfg.model.f_ramp_steps)
-        out = self.model(images, f_blend=blend)
+        out = self.net(images, f_blend=blend)
         loss, terms = self.criterion(images, out, f_blend=blend)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,270 @@
+"""The Ray Train side of both stages: one ``train_loop_per_worker`` (the stage picks the step function), the
+checkpoint/resume code, and ``fit`` that wires datasets, storage and fault tolerance into a TorchTrainer.
+
+Checkpoints are our platform format (``clcae.weights.save_checkpoint``) with the optimiser, step and RNG
+state added, one ``checkpoint.pt`` per ``checkpoint_{step:06d}`` directory under
+``{train.storage_path}/{run_name}/``.  The same file feeds ``Inverter.from_checkpoint`` and stage 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clcae.config import CLCAEConfig, from_dict, to_dict
+
+log = logging.getLogger(__name__)
+
+STAGES = ("contrastive", "inversion")
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class TrainSetupError(ValueError):
+    """Something is wrong before any worker starts: data, stage-1 checkpoint, storage."""
+
+
+# ---------------------------------------------------------------------------------------- building a stage
+def build_stage(cfg: CLCAEConfig, stage: str, stage1: str | None, resuming: bool):
+    """The step object of a stage, with its models built (generator, encoder, frozen stage-1 module)."""
+    from clcae.factory import average_image, build_aligner, build_clcae, build_generator
+    from clcae.train.steps import ContrastiveStep, InversionStep
+
+    generator, latent_avg = build_generator(cfg)
+    model = build_clcae(cfg, generator, latent_avg, load_pretrained=not resuming)
+    x_avg = average_image(model)
+    if stage == "contrastive":
+        aligner = build_aligner(cfg, x_avg, latent_avg)
+        if not resuming and cfg.encoder.pretrained:
+            from clcae.weights import load_irse_into_encoder
+
+            load_irse_into_encoder(cfg.encoder.pretrained, aligner.image_encoder.encoder)
+        return ContrastiveStep(cfg, aligner)
+    aligner = None
+    if stage1 is not None:
+        aligner = load_stage1(cfg, stage1, x_avg, latent_avg)
+        if not resuming:
+            from clcae.weights import init_encoder_from_contrastive
+
+            init_encoder_from_contrastive(aligner, model)
+    return InversionStep(cfg, model, aligner)
+
+
+def load_stage1(cfg: CLCAEConfig, uri: str, x_avg: torch.Tensor, latent_avg: torch.Tensor):
+    from clcae.factory import build_aligner
+    from clcae.weights import load_into, read_checkpoint
+
+    aligner = build_aligner(cfg, x_avg, latent_avg)
+    ckpt = read_checkpoint(uri, kind="contrastive")
+    load_into(aligner, ckpt["state_dict"], uri, "contrastive module")
+    return aligner
+
+
+def stage1_source(cfg: CLCAEConfig) -> str | None:
+    """The stage-1 checkpoint file stage 2 needs (None when L_align is off); a run directory means its newest."""
+    if not (cfg.model.use_align and cfg.loss.align > 0):
+        return None
+    uri = cfg.contrastive.checkpoint
+    if not uri:
+        raise TrainSetupError("stage 2 needs the stage-1 contrastive module for L_align: set contrastive.checkpoint "
+                              "to a stage-1 checkpoint (a checkpoint.pt or its run directory), or turn L_align off "
+                              "with model.use_align=false")
+    return resolve_checkpoint(uri, cfg)
+
+
+def resolve_checkpoint(uri: str, cfg: CLCAEConfig) -> str:
+    """A checkpoint file URI, or a run directory -> its newest ``checkpoint_*/checkpoint.pt``."""
+    from clcae.data.storage import filesystem
+
+    fs, path = filesystem(uri, cfg.storage)
+    if fs.isfile(path):
+        return uri
+    if fs.isdir(path):
+        found = sorted(p for p in fs.glob(f"{path.rstrip('/')}/checkpoint_*/{CHECKPOINT_FILE}"))
+        if found:
+            return uri.rstrip("/") + "/" + found[-1][len(path.rstrip("/")) + 1:]
+        raise TrainSetupError(f"no checkpoint_*/{CHECKPOINT_FILE} under {uri}: has its stage-1 run written a checkpoint?")
+    raise TrainSetupError(f"stage-1 checkpoint not found: {uri}")
+
+
+# ---------------------------------------------------------------------------------------- the worker loop
+@dataclass
+class Faults:
+    """Fault injection for tests and drills: rank ``rank`` SIGKILLs itself at ``step`` on the first attempt
+    (``marker`` records that it happened); every executed step is appended to ``step_log`` by rank 0."""
+
+    rank: int = -1
+    step: int = -1
+    marker: str | None = None
+    step_log: str | None = None
+
+
+def _restore(step_obj, ckpt, device) -> int:
+    with ckpt.as_directory() as d:
+        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+    step_obj.model.load_state_dict(state["state_dict"])
+    step_obj.optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return int(state["step"])
+
+
+def _save(step_obj, cfg: CLCAEConfig, stage: str, step: int, directory: str, run_name: str) -> None:
+    from clcae.weights import save_checkpoint
+
+    save_checkpoint(Path(directory) / CHECKPOINT_FILE, stage, step_obj.model, to_dict(cfg),
+                    optimizer=step_obj.optimizer.state_dict(), step=step, rng={"torch": torch.get_rng_state()},
+                    model_id=f"{run_name}@{step}")
+
+
+def _write_samples(columns: list[torch.Tensor], uri: str, cfg: CLCAEConfig) -> None:
+    from clcae.data.storage import filesystem
+
+    from clcae.data.images import image_grid, tensor_to_pil
+
+    rows = list(zip(*[tensor_to_pil(c) for c in columns]))
+    fs, path = filesystem(uri, cfg.storage)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as fh:
+        image_grid(rows).save(fh, format="PNG")
+
+
+def _inject(faults: Faults, rank: int, step: int) -> None:
+    if faults.step_log and rank == 0:
+        with open(faults.step_log, "a") as fh:
+            fh.write(f"{step}\n")
+    if rank == faults.rank and step == faults.step and faults.marker and not os.path.exists(faults.marker):
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints()  # make sure the controller has registered what we reported
+        Path(faults.marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
+    import ray.train
+    import ray.train.torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    cfg = from_dict(loop_config["config"])
+    stage, run_name = loop_config["stage"], loop_config["run_name"]
+    faults = Faults(**loop_config.get("faults", {}))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed + rank)
+
+    ckpt = ray.train.get_checkpoint()
+    step_obj = build_stage(cfg, stage, loop_config.get("stage1"), resuming=ckpt is not None).to(device)
+    step = _restore(step_obj, ckpt, device) if ckpt is not None else 0
+    if ckpt is not None:
+        log.info("rank %d resumed %s at step %d", rank, run_name, step)
+    if world > 1:
+        step_obj.net = DistributedDataParallel(step_obj.model, broadcast_buffers=False,
+                                               device_ids=[device.index] if device.type == "cuda" else None)
+
+    t = cfg.train
+    shard = ray.train.get_dataset_shard("train")
+    sample_batch = None
+    metrics: dict[str, float] = {}
+    t0, images_seen = time.perf_counter(), 0
+    while step < t.max_steps:
+        batches = 0
+        for batch in shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True, device=device):
+            batches += 1
+            images = batch["image"]
+            if sample_batch is None:
+                sample_batch = images[:8].clone()
+            step += 1
+            _inject(faults, rank, step)
+            metrics = step_obj(images, batch["w"], step) if stage == "contrastive" else step_obj(images, step)
+            images_seen += images.shape[0] * world
+            report, checkpoint_dir = step % t.log_every == 0, None
+            with tempfile.TemporaryDirectory() as tmp:
+                if step % t.checkpoint_every == 0 or step == t.max_steps:
+                    report = True
+                    if rank == 0:
+                        _save(step_obj, cfg, stage, step, tmp, run_name)
+                        checkpoint_dir = tmp
+                if rank == 0 and stage == "inversion" and (step % t.sample_every == 0 or step == t.max_steps):
+                    _write_samples(step_obj.samples(sample_batch), f"{loop_config['run_uri']}/samples/"
+                                   f"step_{step:06d}.png", cfg)
+                if report:
+                    elapsed = time.perf_counter() - t0
+                    metrics = {**metrics, "step": step, "images_per_s": images_seen / max(elapsed, 1e-9)}
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
+                                     if checkpoint_dir else None, checkpoint_dir_name=f"checkpoint_{step:06d}"
+                                     if checkpoint_dir else None)
+            if step >= t.max_steps:
+                break
+        if batches == 0:
+            raise RuntimeError(f"rank {rank} got no full batch of {cfg.data.batch_size} from its data shard: add data "
+                               f"or lower data.batch_size")
+    return {k: float(v) for k, v in metrics.items()}
+
+
+# ---------------------------------------------------------------------------------------- driver side
+def run_uri(cfg: CLCAEConfig, run_name: str) -> str:
+    base = cfg.train.storage_path
+    if "://" not in base:
+        base = str(Path(base).resolve())  # workers chdir elsewhere (RAY_CHDIR_TO_TRIAL_DIR)
+    return f"{base.rstrip('/')}/{run_name}"
+
+
+def build_dataset(cfg: CLCAEConfig, stage: str):
+    """Validate the shards (clear errors before any worker starts), then a decoding Ray Dataset."""
+    from clcae.data.shards import decode_batch, read_shards, validate_shards
+
+    uris = cfg.data.pairs if stage == "contrastive" else cfg.data.train
+    key = "data.pairs" if stage == "contrastive" else "data.train"
+    if not uris:
+        raise TrainSetupError(f"{key} is empty: point it at the {'synthetic pair' if stage == 'contrastive' else 'image'}"
+                              f" shards (jobs/{'synthesize' if stage == 'contrastive' else 'make_shards'}.py writes them)")
+    files = validate_shards(list(uris), cfg.storage, need_w=stage == "contrastive")
+    columns = ["image", "w"] if stage == "contrastive" else ["image"]
+    ds = read_shards(files, cfg.storage, columns=columns)
+    size = tuple(cfg.encoder.input_size)
+    return ds.map_batches(decode_batch, fn_kwargs={"size": size, "hflip": cfg.data.hflip and stage == "inversion"},
+                          batch_format="numpy", batch_size=cfg.data.batch_size)
+
+
+def fit(cfg: CLCAEConfig, stage: str, run_name: str, faults: Faults | None = None):
+    """Train a stage on the current Ray cluster; re-running with the same run_name resumes."""
+    import ray.train
+    from clcae.data.storage import check_access, pyarrow_filesystem
+    from ray.train.torch import TorchTrainer
+
+    if stage not in STAGES:
+        raise TrainSetupError(f"stage must be one of {STAGES}, got {stage!r}")
+    stage1 = stage1_source(cfg) if stage == "inversion" else None
+    if stage1 is not None:
+        from clcae.weights import read_checkpoint
+
+        read_checkpoint(stage1, kind="contrastive")  # fail here, not in every worker
+    dataset = build_dataset(cfg, stage)
+    uri = run_uri(cfg, run_name)
+    check_access(cfg.train.storage_path, cfg.storage, write=True)
+    fs, path = pyarrow_filesystem(cfg.train.storage_path if "://" in cfg.train.storage_path
+                                  else str(Path(cfg.train.storage_path).resolve()), cfg.storage)
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg), "stage": stage, "run_name": run_name, "run_uri": uri,
+                           "stage1": stage1, "faults": vars(faults) if faults else {}},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        ),
+        datasets={"train": dataset},
+    )
+    return trainer.fit()
