@@ -90,7 +90,8 @@ def resolve_checkpoint(uri: str, cfg: CLCAEConfig) -> str:
         found = sorted(p for p in fs.glob(f"{path.rstrip('/')}/checkpoint_*/{CHECKPOINT_FILE}"))
         if found:
             return uri.rstrip("/") + "/" + found[-1][len(path.rstrip("/")) + 1:]
-        raise TrainSetupError(f"no checkpoint_*/{CHECKPOINT_FILE} under {uri}: has its stage-1 run written a checkpoint?")
+        raise TrainSetupError(f"no checkpoint_*/{CHECKPOINT_FILE} under {uri}: "
+                              "has its stage-1 run written a checkpoint?")
     raise TrainSetupError(f"stage-1 checkpoint not found: {uri}")
 
 
@@ -224,8 +225,8 @@ def build_dataset(cfg: CLCAEConfig, stage: str):
     uris = cfg.data.pairs if stage == "contrastive" else cfg.data.train
     key = "data.pairs" if stage == "contrastive" else "data.train"
     if not uris:
-        raise TrainSetupError(f"{key} is empty: point it at the {'synthetic pair' if stage == 'contrastive' else 'image'}"
-                              f" shards (jobs/{'synthesize' if stage == 'contrastive' else 'make_shards'}.py writes them)")
+        what, job = ("synthetic pair", "synthesize") if stage == "contrastive" else ("image", "make_shards")
+        raise TrainSetupError(f"{key} is empty: point it at the {what} shards (jobs/{job}.py writes them)")
     files = validate_shards(list(uris), cfg.storage, need_w=stage == "contrastive")
     columns = ["image", "w"] if stage == "contrastive" else ["image"]
     ds = read_shards(files, cfg.storage, columns=columns)
