@@ -147,7 +147,7 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 def run_group(fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int, repeats: int,
-              budget_ms: float) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+              budget_ms: float = float("inf")) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Warm every case up, then up to ``repeats`` rounds with every case once, in a rotating order.
 
     Returns per-case warm-up and timed call times (ms).  When the last warm-up round says the timed rounds
@@ -162,7 +162,8 @@ def run_group(fns: dict[str, Callable[[], Any]], device: torch.device, warmup: i
             for _ in range(warmup):
                 warm[name].append(timed(fns[name], device))
         round_ms = sum(w[-1] for w in warm.values())
-        repeats = max(1, min(repeats, int(budget_ms // max(round_ms, 1e-3))))
+        if round_ms * repeats > budget_ms:
+            repeats = max(1, int(budget_ms // round_ms))
         for r in range(repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 times[name].append(timed(fns[name], device))
@@ -236,7 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "repeats_requested": args.repeats,
         "cases": list(args.cases),
         "train_forward_batches": list(args.train_forward_batches),
-        "budget_s_per_group": args.budget_s,
+        "budget_s_per_group": args.budget_s or None,
         "method": "torch.inference_mode; warm-up calls per case, then rounds with every case once in a rotating "
                   "order; time.perf_counter wall clock" + (" with torch.cuda.synchronize" if device.type == "cuda"
                                                           else ""),
@@ -253,7 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
-            warm, times = run_group(fns, device, args.warmup, args.repeats, args.budget_s * 1e3)
+            warm, times = run_group(fns, device, args.warmup, args.repeats, (args.budget_s or float("inf")) * 1e3)
             repeats = len(next(iter(times.values())))
             entry: dict[str, Any] = {
                 "size": size, "batch": batch, "n_latent": inverter.model.decoder.n_latent,
@@ -304,9 +305,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-forward-batches", type=int, nargs="*", default=[1], metavar="B",
                    help="batches at which clcae_train_forward runs (default 1: at 1024 x 8 its 24-image "
                         "generator suffix would need an estimated 10+ GB and minutes per call on CPU)")
-    p.add_argument("--budget-s", type=float, default=75.0,
+    p.add_argument("--budget-s", type=float, default=None,
                    help="seconds allowed for the timed rounds of one (size, batch); slower groups run fewer "
-                        "repeats (at least 1), stated in the JSON")
+                        "repeats (at least 1), stated in the JSON. Default 75, none with --quick; 0 = none")
     p.add_argument("--quick", action="store_true", help="size 256, batch 1, 3 repeats")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
@@ -314,6 +315,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.batches, args.repeats = [256], [1], min(args.repeats, 3)
+    if args.budget_s is None:
+        args.budget_s = 0.0 if args.quick else 75.0
     if args.warmup < 2:
         p.error(f"--warmup must be >= 2 (got {args.warmup}): the first calls pay for allocation and kernel setup")
     if args.repeats < 1 or min(args.batches) < 1:

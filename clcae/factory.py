@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def build_generator(cfg: CLCAEConfig, load: bool = True) -> tuple[Generator, torch.Tensor]:
-    """The frozen generator and latent_avg: from ``generator.checkpoint`` or a seeded random init."""
+    """The frozen generator and latent_avg (D,): from ``generator.checkpoint`` or a seeded random init."""
     g = cfg.generator
     if load and g.checkpoint:
         from clcae.weights import load_generator
@@ -28,7 +28,7 @@ def build_generator(cfg: CLCAEConfig, load: bool = True) -> tuple[Generator, tor
                     channel_max=g.channel_max).eval()
     if load:
         log.info("generator: seeded random init (seed %d); set generator.checkpoint for real weights", g.init_seed)
-    return gen, gen.mean_latent(min(g.mean_latent_samples, 10_000), seed=g.init_seed)
+    return gen, gen.mean_latent(min(g.mean_latent_samples, 10_000), seed=g.init_seed)[0]
 
 
 def build_encoder(cfg: CLCAEConfig, feature_channels: int) -> CLCAEEncoder:

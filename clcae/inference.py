@@ -124,7 +124,8 @@ class Inverter:
         """
         m = self.model
         self.directions._validated(edits)  # fail before any model work
-        w_off = inversion.w - m.latent_avg
+        # deltas[:, 0] is the encoder's own w offset: recomputing it as w - latent_avg would not be bit-exact.
+        w_off = inversion.deltas[:, 0] if inversion.deltas is not None else inversion.w - m.latent_avg
         w_off_edit = self.directions.apply_to_w(w_off, edits)
         f_edit = None
         if inversion.deltas is not None:

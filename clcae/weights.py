@@ -157,7 +157,8 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], path: str, w
     """load_state_dict with a WeightsError naming the file, missing/unexpected keys and shape mismatches."""
     own = module.state_dict()
     allow = tuple(allow_missing)
-    missing = [k for k in own if k not in state and not k.startswith(allow)]
+    absent = [k for k in own if k not in state]
+    missing = [k for k in absent if not k.startswith(allow)]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -171,7 +172,7 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], path: str, w
             parts.append(f"shape mismatches ({len(mismatched)}): {_summarise(mismatched, 4)}")
         raise WeightsError("\n  ".join(parts) + "\n " + where_from(path, source))
     module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    return missing, unexpected
+    return absent, unexpected  # absent includes the allowed-missing keys, so callers can warn about them
 
 
 def sha256_of(path: str | os.PathLike) -> str:

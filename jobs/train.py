@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clcae.config import ConfigError, load_config  # noqa: E402
 from clcae.train.loop import STAGES, TrainSetupError, fit, run_uri  # noqa: E402
+from clcae.train.runtime import init_ray  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, str, list[str]]:
@@ -36,19 +36,6 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, str, list[str]]:
     if len(stage) != 1 or stage[0] not in STAGES:
         parser.error(f"give exactly one stage=... with one of {STAGES}")
     return ns, stage[0], overrides
-
-
-def init_ray(num_cpus: int | None) -> None:
-    import ray
-
-    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`, or a user pointing at a cluster
-        ray.init(address="auto")
-    else:
-        # Logical CPUs above the physical ones so Train workers do not starve Ray Data on small machines.
-        ray.init(num_cpus=num_cpus or max(4, (os.cpu_count() or 2) * 2), include_dashboard=False)
 
 
 def main(argv: list[str] | None = None) -> int:

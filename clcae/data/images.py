@@ -89,3 +89,10 @@ def image_grid(rows: Sequence[Sequence[Image.Image]]) -> Image.Image:
     return grid
 
 
+
+
+def check_min_size(im: Image.Image, min_size: int) -> None:
+    """InputError if either side of ``im`` is below ``min_size`` pixels (thumbnails, 1x1 tracking pixels)."""
+    if min(im.size) < min_size:
+        raise InputError(f"image is {im.width}x{im.height}: smaller than the minimum of {min_size} pixels "
+                         "on a side")

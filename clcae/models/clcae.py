@@ -35,6 +35,18 @@ class InversionOutput:
     deltas: torch.Tensor | None = None    # (B, N, D) encoder residuals, reused by w-space edits
 
 
+def crop_and_pool(images: torch.Tensor, crop: tuple[int, int, int, int] | None, size: tuple[int, int]
+                  ) -> torch.Tensor:
+    """Crop (cars: the car rows of the 512 output) and average-pool generator output to the encoder's input
+    size (pSp's face_pool)."""
+    if crop is not None:
+        top, bottom, left, right = crop
+        images = images[:, :, top:bottom, left:right]
+    if tuple(images.shape[-2:]) != tuple(size):
+        images = F.adaptive_avg_pool2d(images, tuple(size))
+    return images
+
+
 class CLCAE(nn.Module):
     def __init__(self, encoder: CLCAEEncoder, decoder: Generator, latent_avg: torch.Tensor | None = None,
                  crop: tuple[int, int, int, int] | None = None):
@@ -57,14 +69,7 @@ class CLCAE(nn.Module):
 
     # ----------------------------------------------------------------------------------------- helpers
     def to_input_resolution(self, images: torch.Tensor) -> torch.Tensor:
-        """Crop (cars) and average-pool generator output to the encoder's input size (pSp's face_pool)."""
-        if self.crop is not None:
-            top, bottom, left, right = self.crop
-            images = images[:, :, top:bottom, left:right]
-        size = self.encoder.input_size
-        if tuple(images.shape[-2:]) != size:
-            images = F.adaptive_avg_pool2d(images, size)
-        return images
+        return crop_and_pool(images, self.crop, self.encoder.input_size)
 
     def latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, EncoderOutput]:
         """Absolute w (B, D), w+ (B, N, D), f and the encoder intermediates."""
