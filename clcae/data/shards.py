@@ -187,6 +187,9 @@ class ShardWriter:
         missing = [f.name for f in self.schema if not f.nullable and row.get(f.name) is None]
         if missing:
             raise ShardError(f"row {key!r}: no value for required column(s) {missing}")
+        if not isinstance(row["image"], (bytes, bytearray, memoryview)):
+            raise ShardError(f"row {key!r}: 'image' must be the encoded PNG/JPEG bytes, got "
+                             f"{type(row['image']).__name__} (encode with clcae.data.images.encode_png)")
         if key in self._keys:
             raise ShardError(f"duplicate key {key!r}: keys must be unique within a shard set")
         try:
