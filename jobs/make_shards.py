@@ -24,7 +24,7 @@ from clcae.data.storage import StorageError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="make_shards.py", description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="image folder or .zip (path or URI)")
     p.add_argument("dst", help="output folder for the shards (path, file:// or s3:// URI)")
     p.add_argument("--rows-per-shard", type=int, default=1000)
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--progress-every", type=int, default=1000, help="files between progress lines")
     p.add_argument("--config", default=None, help="YAML config whose storage.* section is used")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. storage.endpoint_url=...")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def main(argv: list[str] | None = None) -> int:

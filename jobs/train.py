@@ -30,7 +30,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, str, list[str]]:
     parser.add_argument("--run-name", required=True, help="run name; the same name resumes")
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs for a local Ray cluster")
     parser.add_argument("args", nargs="*", help="stage=contrastive|inversion and key=value overrides")
-    ns = parser.parse_args(argv)
+    ns = parser.parse_intermixed_args(argv)
     stage = [a.split("=", 1)[1] for a in ns.args if a.startswith("stage=")]
     overrides = [a for a in ns.args if not a.startswith("stage=")]
     if len(stage) != 1 or stage[0] not in STAGES:

@@ -91,7 +91,7 @@ def ray_cluster() -> Iterator[None]:
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=RAY_TEMP_DIR, log_to_driver=False,
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=RAY_TEMP_DIR,
              _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False})
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 # Decompression-bomb guard: far above any real photo, far below what would exhaust memory.
 MAX_PIXELS = 64_000_000
@@ -30,7 +30,8 @@ def decode_image(data: bytes) -> Image.Image:
             if im.width * im.height > MAX_PIXELS:
                 raise InputError(f"image is {im.width}x{im.height}: over the {MAX_PIXELS:,}-pixel limit")
             im.load()
-            return to_rgb(im)
+            # Phone photos store their rotation in EXIF; apply it so what we invert is what a viewer shows.
+            return to_rgb(ImageOps.exif_transpose(im))
     except InputError:
         raise
     except Image.DecompressionBombError as exc:

@@ -64,7 +64,8 @@ KEPT_FORMATS = ("PNG", "JPEG")  # stored as given; other formats are re-encoded 
 # (predicate, words) per required column: what validate_shards accepts and how it names the expected type.
 _ACCEPTS: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
     "key": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "string"),
-    "image": (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "binary (encoded PNG/JPEG bytes)"),
+    "image": (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
+              "binary (encoded PNG/JPEG bytes)"),
     "height": (pa.types.is_integer, "int32"),
     "width": (pa.types.is_integer, "int32"),
 }
@@ -93,7 +94,8 @@ def shard_schema(style_dim: int | None = None, labels: Mapping[str, str | pa.Dat
         fields.append(pa.field("seed", pa.int64()))
     for name, kind in (labels or {}).items():
         if name in REQUIRED or name in OPTIONAL:
-            raise ShardError(f"label column {name!r} clashes with a shard column ({', '.join((*REQUIRED, *OPTIONAL))})")
+            raise ShardError(f"label column {name!r} clashes with a shard column "
+                             f"({', '.join((*REQUIRED, *OPTIONAL))})")
         fields.append(pa.field(name, _label_type(name, kind)))
     return pa.schema(fields)
 
@@ -117,8 +119,9 @@ def schema_problems(schema: pa.Schema, need_w: bool = False, style_dim: int | No
         tp = schema.field("w").type
         width = w_width(tp)
         if width is None:
-            problems.append(f"column 'w' is {tp}, expected fixed_size_list<float32>[D] (pa.list_(pa.float32(), D)); "
-                            "variable-length lists and Ray Data's tensor extension type are not accepted")
+            problems.append(f"column 'w' is {tp}, expected fixed_size_list<float32>[D] "
+                            "(pa.list_(pa.float32(), D)); variable-length lists and Ray Data's tensor "
+                            "extension type are not accepted")
         elif style_dim is not None and width != style_dim:
             problems.append(f"column 'w' has {width} values per row, but generator.style_dim is {style_dim}")
     elif need_w:
@@ -157,8 +160,8 @@ class ShardWriter:
         if rows_per_shard < 1:
             raise ShardError(f"rows_per_shard = {rows_per_shard}: must be >= 1")
         if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", prefix):
-            raise ShardError(f"prefix {prefix!r}: use letters, digits, '_', '-' or '.', starting with a letter "
-                             "or digit")
+            raise ShardError(f"prefix {prefix!r}: use letters, digits, '_', '-' or '.', starting with a "
+                             "letter or digit")
         self.schema = schema if schema is not None else shard_schema()
         problems = schema_problems(self.schema)
         if problems:
@@ -183,7 +186,8 @@ class ShardWriter:
         unknown = sorted(set(row) - set(self.schema.names))
         if unknown:
             raise ShardError(f"row {key!r}: column(s) {unknown} are not in the shard schema "
-                             f"({', '.join(self.schema.names)}); declare labels with shard_schema(labels=...)")
+                             f"({', '.join(self.schema.names)}); declare labels with "
+                             "shard_schema(labels=...)")
         missing = [f.name for f in self.schema if not f.nullable and row.get(f.name) is None]
         if missing:
             raise ShardError(f"row {key!r}: no value for required column(s) {missing}")
@@ -233,7 +237,8 @@ class ShardWriter:
 
     def _clear_old(self, overwrite: bool) -> None:
         pattern = re.compile(rf"{re.escape(self.prefix)}-\d{{5,}}\.parquet")
-        old = [u for u in st.list_files(self.uri_dir, self.storage) if pattern.fullmatch(posixpath.basename(u))]
+        found = st.list_files(self.uri_dir, self.storage)
+        old = [u for u in found if pattern.fullmatch(posixpath.basename(u))]
         if not old:
             return
         if not overwrite:
@@ -297,7 +302,9 @@ def read_shards(uris: str | Sequence[str], storage: StorageConfig | None = None,
     else:
         fs, _ = st.filesystem(files[0], storage)  # Ray Data wraps an fsspec filesystem itself
     paths = [st.filesystem(f, storage)[1] for f in files]
-    return ray.data.read_parquet(paths, filesystem=fs, columns=list(columns) if columns else None, **read_kwargs)
+    ds = ray.data.read_parquet(paths, filesystem=fs, **read_kwargs)
+    # select_columns is pushed down into the Parquet read (read_parquet's columns= is deprecated)
+    return ds.select_columns(list(columns)) if columns is not None else ds
 
 
 def decode_batch(batch: Mapping[str, np.ndarray], size: tuple[int, int], keep: Sequence[str] = ()) -> dict:
@@ -364,6 +371,11 @@ def _read_schema(uri: str, storage: StorageConfig | None) -> pa.Schema:
             return pq.ParquetFile(fh).schema_arrow
         except pa.ArrowInvalid as exc:
             error = str(exc)
+        except OSError as exc:
+            # Arrow reports a corrupt footer as a bare OSError; storage failures come as subclasses or chained
+            if type(exc) is not OSError or exc.__cause__ is not None or exc.__context__ is not None:
+                raise
+            error = str(exc).strip()
     raise ShardError(f"{uri}: not a readable Parquet file ({error})")
 
 
@@ -379,8 +391,8 @@ class _Input:
 
 
 # A file that vanished or cannot be read is the file's problem; other storage failures stop the run.
-_READ_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, zipfile.BadZipFile, zlib.error, EOFError,
-                RuntimeError, NotImplementedError)
+_READ_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, zipfile.BadZipFile, zlib.error,
+                EOFError, RuntimeError, NotImplementedError)
 
 
 def make_shards(src: str, dst: str, storage: StorageConfig | None = None, rows_per_shard: int = 1000,
@@ -394,7 +406,8 @@ def make_shards(src: str, dst: str, storage: StorageConfig | None = None, rows_p
     are not usable images (unreadable, corrupt, truncated, empty, too small, decompression bombs, duplicate
     zip entries) go to ``errors.csv`` (key, source, error). Hidden files and ``__MACOSX/`` are not inputs;
     their count is reported as ``ignored``. Returns the summary
-    ``{"inputs", "written", "errors", "shards", "errors_file", "ignored", "seconds"}``, inputs == written + errors.
+    ``{"inputs", "written", "errors", "shards", "errors_file", "ignored", "seconds"}`` with
+    inputs == written + errors.
     """
     if min_size < 1:
         raise ShardError(f"min_size = {min_size}: must be >= 1")

@@ -54,8 +54,9 @@ def filesystem(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.A
         try:
             fs = fsspec.filesystem("file" if proto in LOCAL_PROTOCOLS else proto)
         except ImportError as exc:
-            raise StorageError(f"{uri}: the {proto}:// protocol needs an extra package ({exc}); "
-                               f"for gs:// run `pip install gcsfs`") from None
+            hint = "; run `pip install gcsfs`" if proto in ("gs", "gcs") else ""
+            raise StorageError(f"{uri}: the {proto}:// protocol needs a package that is not installed "
+                               f"({exc}){hint}") from None
         except ValueError as exc:
             raise StorageError(f"{uri}: unknown protocol {proto!r} ({exc}); use s3://, gs://, file:// "
                                "or a plain path") from None
@@ -137,9 +138,9 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> 
         if _is_local(uri):
             folder, name = os.path.split(path)
             os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")  # hidden: list_files skips it
             try:
-                with os.fdopen(fd, "wb") as fh:
+                with open(tmp, "xb") as fh:  # not mkstemp: the file gets the umask's mode, not 0600
                     fh.write(data)
                 os.replace(tmp, path)
             except BaseException:
@@ -183,7 +184,7 @@ def check_access(uri: str, storage: StorageConfig | None = None, write: bool = F
             fs.call_s3("put_object", Bucket=bucket, Key=probe, Body=b"")
             fs.call_s3("delete_object", Bucket=bucket, Key=probe)
         elif prefix and not listing.get("KeyCount", len(listing.get("Contents", []))):
-            fs.call_s3("head_object", Bucket=bucket, Key=key)  # not a folder: is it an object? (404 -> missing)
+            fs.call_s3("head_object", Bucket=bucket, Key=key)  # not a folder; an object? (404 -> missing)
 
 
 @contextlib.contextmanager
@@ -231,7 +232,7 @@ def s3_options(storage: StorageConfig | None = None, probe: bool = False) -> dic
 def _s3fs(storage: StorageConfig | None, probe: bool = False) -> fsspec.AbstractFileSystem:
     import s3fs
 
-    return s3fs.S3FileSystem(**s3_options(storage, probe), skip_instance_cache=probe)
+    return s3fs.S3FileSystem(**s3_options(storage, probe))
 
 
 def _endpoint(s: StorageConfig) -> tuple[str | None, str]:
@@ -280,7 +281,8 @@ def _explain(exc: BaseException, uri: str, storage: StorageConfig | None) -> str
         return (f"{uri}: bad credentials: the secret key does not match the access key; check storage.secret "
                 "(or AWS_SECRET_ACCESS_KEY).")
     if codes & {"InvalidToken", "ExpiredToken", "TokenRefreshRequired"}:
-        return f"{uri}: the session token is invalid or expired; refresh AWS_SESSION_TOKEN or {_CREDENTIALS_HINT}."
+        return (f"{uri}: the session token is invalid or expired; refresh AWS_SESSION_TOKEN or "
+                f"{_CREDENTIALS_HINT}.")
     if codes & {"AccessDenied", "403", "AllAccessDisabled", "AccountProblem"} or (
             names & {"PermissionError"} and not codes):
         return (f"{uri}: access denied on bucket {bucket!r}: the credentials lack permission for this "
@@ -289,7 +291,7 @@ def _explain(exc: BaseException, uri: str, storage: StorageConfig | None) -> str
         return (f"{uri}: bucket {bucket!r} does not exist at {where}: create it, or fix the bucket name "
                 "in the URI (or storage.endpoint_url if it lives on another server).")
     if codes & {"InvalidBucketName"}:
-        return f"{uri}: {bucket!r} is not a valid bucket name (3-63 lowercase letters, digits, dots, hyphens)."
+        return f"{uri}: {bucket!r} is not a valid bucket name (3-63 lowercase letters, digits, dots, dashes)."
     if "FileNotFoundError" in names:
         return f"{uri}: no such file or folder."
     if "IsADirectoryError" in names or "NotADirectoryError" in names or "FileExistsError" in names:

@@ -41,14 +41,11 @@ def plan(start_seed: int, n: int, rows_per_shard: int) -> list[tuple[int, int]]:
 
 
 def existing(out_uri: str, cfg: CLCAEConfig) -> set[tuple[int, int]]:
-    from clcae.data.storage import filesystem
+    from clcae.data.storage import list_files
 
-    fs, path = filesystem(out_uri, cfg.storage)
-    if not fs.exists(path):
-        return set()
     done = set()
-    for p in fs.ls(path, detail=False):
-        m = SHARD_RE.search(p)
+    for uri in list_files(out_uri, cfg.storage):
+        m = SHARD_RE.search(uri)
         if m:
             done.add((int(m.group(1)), int(m.group(2))))
     return done
@@ -87,7 +84,7 @@ class PairGenerator:
 
     def write_shard(self, first: int, last: int) -> int:
         from clcae.data.shards import shard_schema
-        from clcae.data.storage import filesystem
+        from clcae.data.storage import write_bytes
 
         seeds = list(range(first, last + 1))
         ws, pngs = [], []
@@ -106,13 +103,10 @@ class PairGenerator:
             "w": pa.FixedSizeListArray.from_arrays(pa.array(w.reshape(-1), pa.float32()), d),
             "seed": pa.array(seeds, pa.int64()),
         }).select(schema.names).cast(schema)
-        fs, path = filesystem(self.out_uri, self.cfg.storage)
-        fs.makedirs(path, exist_ok=True)
-        final = f"{path}/{shard_name(first, last)}"
-        tmp = final + ".tmp"
-        with fs.open(tmp, "wb") as fh:
-            pq.write_table(table, fh, compression="zstd")
-        fs.mv(tmp, final)  # a crash never leaves a half-written file under the final name
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        # atomic: a crash never leaves a half-written file under the final name
+        write_bytes(f"{self.out_uri}/{shard_name(first, last)}", buf.getvalue(), self.cfg.storage)
         return len(seeds)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

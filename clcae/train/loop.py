@@ -125,9 +125,8 @@ def _save(step_obj, cfg: CLCAEConfig, stage: str, step: int, directory: str, run
 
 
 def _write_samples(columns: list[torch.Tensor], uri: str, cfg: CLCAEConfig) -> None:
-    from clcae.data.storage import filesystem
-
     from clcae.data.images import image_grid, tensor_to_pil
+    from clcae.data.storage import filesystem
 
     rows = list(zip(*[tensor_to_pil(c) for c in columns]))
     fs, path = filesystem(uri, cfg.storage)
@@ -146,6 +145,12 @@ def _inject(faults: Faults, rank: int, step: int) -> None:
         ray.train.get_all_reported_checkpoints()  # make sure the controller has registered what we reported
         Path(faults.marker).touch()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def random_hflip(images: torch.Tensor) -> torch.Tensor:
+    """Flip a random half of the batch left-right (the pSp/CLCAE training augmentation)."""
+    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
@@ -180,6 +185,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
         for batch in shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True, device=device):
             batches += 1
             images = batch["image"]
+            if stage == "inversion" and cfg.data.hflip:
+                images = random_hflip(images)
             if sample_batch is None:
                 sample_batch = images[:8].clone()
             step += 1
@@ -231,15 +238,16 @@ def build_dataset(cfg: CLCAEConfig, stage: str):
     columns = ["image", "w"] if stage == "contrastive" else ["image"]
     ds = read_shards(files, cfg.storage, columns=columns)
     size = tuple(cfg.encoder.input_size)
-    return ds.map_batches(decode_batch, fn_kwargs={"size": size, "hflip": cfg.data.hflip and stage == "inversion"},
-                          batch_format="numpy", batch_size=cfg.data.batch_size)
+    return ds.map_batches(decode_batch, fn_kwargs={"size": size}, batch_format="numpy",
+                          batch_size=cfg.data.batch_size)
 
 
 def fit(cfg: CLCAEConfig, stage: str, run_name: str, faults: Faults | None = None):
     """Train a stage on the current Ray cluster; re-running with the same run_name resumes."""
     import ray.train
-    from clcae.data.storage import check_access, pyarrow_filesystem
     from ray.train.torch import TorchTrainer
+
+    from clcae.data.storage import check_access, pyarrow_filesystem
 
     if stage not in STAGES:
         raise TrainSetupError(f"stage must be one of {STAGES}, got {stage!r}")

@@ -1,0 +1,166 @@
+"""Training on Ray Train: both stages end to end, fault tolerance (SIGKILL of a worker, a killed driver),
+resubmission, S3 for shards and checkpoints, and errors raised before any worker starts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from clcae.config import load_config
+from clcae.data.shards import ShardError
+from clcae.data.synthesis import synthesize
+from clcae.inference import Inverter
+from clcae.train.loop import Faults, TrainSetupError, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def cfg_for(tmp: Path, *overrides: str):
+    return load_config(ROOT / "configs" / "tiny.yaml", [
+        f"train.storage_path={tmp / 'runs'}", "data.batch_size=2", "train.log_every=1", "train.cpus_per_worker=0.5",
+        "train.max_failures=0", *overrides])
+
+
+@pytest.fixture(scope="module")
+def pairs(ray_cluster, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pairs")
+    synthesize(load_config(ROOT / "configs" / "tiny.yaml"), str(out), n=24, rows_per_shard=12)
+    return out
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of a session: Ray's workers get their own process groups, not sessions."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    os.kill(int(entry), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def read_steps(path: Path) -> list[int]:
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def test_synthesis_is_deterministic_and_resumable(ray_cluster, pairs, tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    files = sorted(p.name for p in pairs.glob("*.parquet"))
+    assert files == ["pairs-000000000-000000011.parquet", "pairs-000000012-000000023.parquet"]
+    again = synthesize(cfg, str(tmp_path), n=12, start_seed=12, rows_per_shard=12)
+    assert again["shards_written"] == 1
+    assert (tmp_path / files[1]).read_bytes() == (pairs / files[1]).read_bytes()  # same seeds, same bytes
+    assert synthesize(cfg, str(tmp_path), n=12, start_seed=12, rows_per_shard=12)["shards_written"] == 0
+
+
+def test_both_stages_train_checkpoint_and_feed_the_inverter(ray_cluster, pairs, tmp_path):
+    s1 = cfg_for(tmp_path, f"data.pairs=[{pairs}]", "train.max_steps=3", "train.checkpoint_every=3")
+    r1 = fit(s1, "contrastive", "s1")
+    assert r1.metrics["step"] == 3 and r1.checkpoint is not None
+    assert (tmp_path / "runs" / "s1" / "checkpoint_000003" / "checkpoint.pt").exists()
+
+    s2 = cfg_for(tmp_path, f"data.train=[{pairs}]", f"contrastive.checkpoint={tmp_path / 'runs' / 's1'}",
+                 "train.max_steps=4", "train.checkpoint_every=2", "train.sample_every=2")
+    r2 = fit(s2, "inversion", "s2")
+    assert r2.metrics["step"] == 4 and "align" in r2.metrics and "lpips/f" in r2.metrics
+    run = tmp_path / "runs" / "s2"
+    assert (run / "samples" / "step_000002.png").exists() and (run / "samples" / "step_000004.png").exists()
+    inv = Inverter.from_checkpoint(str(run / "checkpoint_000004" / "checkpoint.pt"), device="cpu")
+    assert inv.model_id == "s2@4"
+    assert inv.invert(torch.zeros(1, 3, 64, 64)).image.shape == (1, 3, 64, 64)
+
+
+def test_worker_sigkill_resumes_from_last_checkpoint(ray_cluster, pairs, tmp_path):
+    log = tmp_path / "steps.log"
+    cfg = cfg_for(tmp_path, f"data.train=[{pairs}]", "model.use_align=false", "train.num_workers=2",
+                  "train.max_steps=8", "train.checkpoint_every=3", "train.sample_every=100", "train.max_failures=2")
+    faults = Faults(rank=1, step=5, marker=str(tmp_path / "killed"), step_log=str(log))
+    result = fit(cfg, "inversion", "ft", faults=faults)
+    assert (tmp_path / "killed").exists()  # the worker really died
+    assert result.metrics["step"] == 8
+    steps = read_steps(log)
+    assert steps[-1] == 8 and set(steps) == set(range(1, 9))
+    repeated = len(steps) - len(set(steps))
+    assert 1 <= repeated <= cfg.train.checkpoint_every  # resumed from step 3: at most one interval redone
+    assert steps[steps.index(5) + 1] == 4  # after the kill at step 5 the run restarted at step 4
+
+
+def test_resubmitting_the_same_run_name_resumes(ray_cluster, pairs, tmp_path):
+    log = tmp_path / "steps.log"
+    base = [f"data.train=[{pairs}]", "model.use_align=false", "train.checkpoint_every=2", "train.sample_every=100"]
+    fit(cfg_for(tmp_path, *base, "train.max_steps=2"), "inversion", "again", Faults(step_log=str(log)))
+    fit(cfg_for(tmp_path, *base, "train.max_steps=4"), "inversion", "again", Faults(step_log=str(log)))
+    assert read_steps(log) == [1, 2, 3, 4]
+
+
+def test_killed_driver_then_resubmitted_job_resumes(ray_cluster, pairs, tmp_path):
+    """A driver killed mid-run (as when a job's driver dies) leaves checkpoints; the same command resumes."""
+    args = [sys.executable, str(ROOT / "jobs" / "train.py"), "stage=inversion", "--config",
+            str(ROOT / "configs" / "tiny.yaml"), "--run-name", "driver", "--num-cpus", "4",
+            f"train.storage_path={tmp_path / 'runs'}", f"data.train=[{pairs}]", "model.use_align=false",
+            "data.batch_size=2", "train.cpus_per_worker=0.5", "train.checkpoint_every=2", "train.max_steps=400",
+            "train.sample_every=1000"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first = tmp_path / "runs" / "driver" / "checkpoint_000002"
+    try:
+        deadline = time.time() + 120
+        while not first.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert first.exists(), "the first driver never wrote a checkpoint"
+    finally:
+        kill_session(proc.pid)  # the driver and the whole local Ray cluster it started
+        proc.wait()
+    saved = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "runs" / "driver").glob("checkpoint_0*"))
+    log = tmp_path / "steps.log"
+    cfg = cfg_for(tmp_path, f"data.train=[{pairs}]", "model.use_align=false", "train.checkpoint_every=2",
+                  "train.sample_every=1000", f"train.max_steps={saved[-1] + 4}")
+    result = fit(cfg, "inversion", "driver", Faults(step_log=str(log)))
+    steps = read_steps(log)
+    # resumed from a checkpoint the killed driver left (not from scratch), and finished the run
+    assert steps[0] > 1 and steps[0] - 1 in saved
+    assert steps == list(range(steps[0], saved[-1] + 5)) and result.metrics["step"] == saved[-1] + 4
+
+
+def test_training_reads_shards_from_and_checkpoints_to_s3(s3_server, ray_cluster, tmp_path):
+    bucket = s3_server.create_bucket()
+    storage = [f"storage.endpoint_url={s3_server.storage.endpoint_url}", f"storage.region={s3_server.storage.region}",
+               "storage.key=testing", "storage.secret=testing"]
+    cfg = cfg_for(tmp_path, *storage, f"train.storage_path={bucket}/runs")
+    synthesize(cfg, f"{bucket}/pairs", n=8, rows_per_shard=8)
+    cfg = cfg_for(tmp_path, *storage, f"train.storage_path={bucket}/runs", f"data.pairs=[{bucket}/pairs]",
+                  "train.max_steps=2", "train.checkpoint_every=2")
+    result = fit(cfg, "contrastive", "s3run")
+    assert result.metrics["step"] == 2
+    from clcae.data.storage import filesystem
+
+    fs, path = filesystem(f"{bucket}/runs/s3run", cfg.storage)
+    assert fs.exists(f"{path}/checkpoint_000002/checkpoint.pt")
+
+
+def test_setup_errors_come_before_any_worker_starts(ray_cluster, pairs, tmp_path):
+    with pytest.raises(TrainSetupError, match="contrastive.checkpoint"):
+        fit(cfg_for(tmp_path, f"data.train=[{pairs}]"), "inversion", "x")
+    with pytest.raises(TrainSetupError, match="not found"):
+        fit(cfg_for(tmp_path, f"data.train=[{pairs}]", f"contrastive.checkpoint={tmp_path / 'nope'}"), "inversion", "x")
+    with pytest.raises(TrainSetupError, match="data.pairs is empty"):
+        fit(cfg_for(tmp_path), "contrastive", "x")
+    with pytest.raises(ShardError, match="missing"):
+        fit(cfg_for(tmp_path, f"data.pairs=[{tmp_path / 'missing'}]"), "contrastive", "x")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    pq.write_table(pa.table({"key": ["a"], "img": [b"x"]}), bad / "shard-00000.parquet")
+    with pytest.raises(ShardError, match="shard-00000.parquet"):
+        fit(cfg_for(tmp_path, f"data.train=[{bad}]", "model.use_align=false"), "inversion", "x")
