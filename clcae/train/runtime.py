@@ -17,6 +17,6 @@ def init_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address="auto")
+        ray.init()  # RAY_ADDRESS names the cluster
     else:
         ray.init(num_cpus=num_cpus or max(4, (os.cpu_count() or 2) * 2), include_dashboard=False)
