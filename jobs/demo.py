@@ -1,16 +1,24 @@
-"""The embedded-default demo: the tiny config end to end on CPU, no files needed.
+"""The embedded-default demo: the whole platform on the tiny config, on CPU, with a local folder as the
+object store.  No files or network needed.
 
-    python jobs/demo.py [--out outputs/demo] [key=value ...]
+    python jobs/demo.py [--out outputs/demo] [--stage1-steps N] [--stage2-steps N] [key=value ...]
 
-A seeded random generator plays the pretrained StyleGAN2; the demo fits GANSpace directions on it, inverts a
-few synthesised images with the Inverter, applies an edit, and writes a grid
-(input | G(w) | G(w+) | G(w+, f) | edited) to ``<out>/grid.png``.
+1. a seeded random generator plays the pretrained StyleGAN2; it renders a folder of "photos";
+2. ``make_shards`` turns the folder into Parquet shards; ``synthesize`` writes the stage-1 (image, w) pairs;
+3. stage 1 (contrastive) and stage 2 (inversion) train on Ray Train, checkpointing to the store;
+4. the trained encoder inverts held-out images and edits them with directions fitted on the generator;
+   the grid ``input | G(w) | G(w+) | G(w+, f) | edited`` is written to ``<out>/grid.png``.
+
+Re-running resumes: shards and pairs already there are kept, finished training runs are not redone
+(``--fresh`` starts over).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,71 +28,120 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clcae.config import DirectionConfig, load_config  # noqa: E402
-from clcae.data.images import image_grid, tensor_to_pil  # noqa: E402
+from clcae.data.images import encode_png, image_grid, tensor_to_pil  # noqa: E402
 from clcae.editing import GANSpacePCA, save_ganspace, save_interfacegan  # noqa: E402
-from clcae.factory import build_clcae  # noqa: E402
-from clcae.inference import Inverter  # noqa: E402
+from clcae.factory import build_generator  # noqa: E402
+from clcae.models.clcae import crop_and_pool  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("demo")
 
 
 @torch.no_grad()
-def fit_pca_directions(generator, out_dir: Path, n: int = 4096, seed: int = 0, components: int = 8):
+def render(generator, cfg, seeds: range) -> torch.Tensor:
+    z = torch.stack([torch.randn(generator.style_dim, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    crop = tuple(cfg.generator.crop) if cfg.generator.crop else None
+    return crop_and_pool(generator.synthesis(generator.mapping(z)), crop, tuple(cfg.encoder.input_size)).clamp(-1, 1)
+
+
+def write_photos(generator, cfg, folder: Path, n: int) -> None:
+    """A folder of PNG files standing in for a user's image collection."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for start in range(0, n, 32):
+        seeds = range(1_000_000 + start, 1_000_000 + min(n, start + 32))
+        for s, im in zip(seeds, tensor_to_pil(render(generator, cfg, seeds))):
+            (folder / f"photo_{s}.png").write_bytes(encode_png(im))
+
+
+@torch.no_grad()
+def fit_directions(generator, out_dir: Path, n: int = 4096, seed: int = 0, components: int = 8):
     """GANSpace on the toy generator: PCA of sampled w, written in e4e's formats (PCA dict + a (1, D) vector)."""
     z = torch.randn(n, generator.style_dim, generator=torch.Generator().manual_seed(seed))
     w = generator.mapping(z)
     mean = w.mean(0)
     _, s, v = torch.linalg.svd(w - mean, full_matrices=False)
-    comp = v[:components]
-    std = s[:components] / (n - 1) ** 0.5
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_ganspace(GANSpacePCA(mean=mean, comp=comp, std=std, source="demo"), out_dir / "pca.pt")
-    save_interfacegan(comp[0:1], out_dir / "pc0.pt")
+    save_ganspace(GANSpacePCA(mean=mean, comp=v[:components], std=s[:components] / (n - 1) ** 0.5, source="demo"),
+                  out_dir / "pca.pt")
+    save_interfacegan(v[0:1], out_dir / "pc0.pt")
     return out_dir / "pca.pt", out_dir / "pc0.pt"
 
 
-def run(out: Path, overrides: list[str], n_images: int = 4) -> Path:
+def run(out: Path, overrides: list[str], stage1_steps: int, stage2_steps: int, n_photos: int = 64,
+        n_pairs: int = 128, fresh: bool = False) -> dict:
+    from clcae.data.shards import make_shards
+    from clcae.data.synthesis import synthesize
+    from clcae.inference import Inverter, directions_from_config
+    from clcae.train.loop import fit, resolve_checkpoint
+    from clcae.train.runtime import init_ray
+
     t0 = time.perf_counter()
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
-    torch.manual_seed(cfg.seed)
-    model = build_clcae(cfg)
-    g = model.decoder
-    pca_path, pc0_path = fit_pca_directions(g, out / "directions", seed=cfg.seed)
-    n = g.n_latent
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    store = out / "store"                      # the "object store": any URI works here, s3:// included
+    base = [f"train.storage_path={store / 'runs'}", *overrides]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", base)
+    generator, _ = build_generator(cfg)
+
+    log.info("1/5 rendering %d photos and sharding them", n_photos)
+    if not (out / "photos").exists():
+        write_photos(generator, cfg, out / "photos", n_photos)
+    shards = make_shards(str(out / "photos"), str(store / "shards" / "train"), rows_per_shard=32, overwrite=True)
+    log.info("2/5 synthesising %d stage-1 pairs", n_pairs)
+    init_ray()
+    synthesize(cfg, str(store / "shards" / "pairs"), n=n_pairs, rows_per_shard=32)
+
+    log.info("3/5 stage 1: contrastive alignment, %d steps", stage1_steps)
+    s1 = load_config(ROOT / "configs" / "tiny.yaml", [*base, f"data.pairs=[{store / 'shards' / 'pairs'}]",
+                                                      f"train.max_steps={stage1_steps}", "data.batch_size=8",
+                                                      f"train.checkpoint_every={stage1_steps}"])
+    r1 = fit(s1, "contrastive", "demo-s1")
+    log.info("4/5 stage 2: inversion, %d steps", stage2_steps)
+    s2 = load_config(ROOT / "configs" / "tiny.yaml", [
+        *base, f"data.train=[{store / 'shards' / 'train'}]", f"contrastive.checkpoint={store / 'runs' / 'demo-s1'}",
+        f"train.max_steps={stage2_steps}", f"train.checkpoint_every={stage2_steps}",
+        f"train.sample_every={max(stage2_steps // 4, 1)}"])
+    r2 = fit(s2, "inversion", "demo-s2")
+
+    log.info("5/5 inverting held-out images with the trained encoder and editing them")
+    checkpoint = resolve_checkpoint(str(store / "runs" / "demo-s2"), s2)
+    inverter = Inverter.from_checkpoint(checkpoint, device="cpu")
+    pca_path, pc0_path = fit_directions(generator, out / "directions", seed=cfg.seed)
+    n = generator.n_latent
     cfg.directions = {
         "pc0": DirectionConfig(kind="interfacegan", path=str(pc0_path), max_strength=10.0),
         "pc1_coarse": DirectionConfig(kind="ganspace", path=str(pca_path), component=1, layers=[0, n // 2],
                                       max_strength=10.0),
     }
-    from clcae.inference import directions_from_config
-
-    inverter = Inverter(model, directions_from_config(cfg), device=cfg.device, model_id=f"{cfg.name}:demo")
-
-    with torch.no_grad():
-        z = torch.randn(n_images, g.style_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
-        images = model.to_input_resolution(g.synthesis(g.mapping(z))).clamp(-1, 1)
-    result = inverter.invert(images, extra_outputs=("w", "w_plus"))
+    inverter.directions = directions_from_config(cfg)
+    held_out = render(generator, cfg, range(2_000_000, 2_000_004))
+    result = inverter.invert(held_out, extra_outputs=("w", "w_plus"))
     edited = inverter.edit(result, [("pc0", 3.0), ("pc1_coarse", 2.0)])
-
-    columns = [images, result.extra_images["w"], result.extra_images["w_plus"], result.image, edited]
+    columns = [held_out, result.extra_images["w"], result.extra_images["w_plus"], result.image, edited]
     rows = list(zip(*[tensor_to_pil(c) for c in columns]))
-    out.mkdir(parents=True, exist_ok=True)
     grid_path = out / "grid.png"
-    image_grid(rows).resize((5 * 128, n_images * 128), 0).save(grid_path)
-    log.info("inverted %d images in %.1fs (encoder untrained: reconstructions are the prior's)",
-             n_images, time.perf_counter() - t0)
-    return grid_path
+    image_grid(rows).resize((5 * 128, len(rows) * 128), 0).save(grid_path)
+    mse = {k: float((v - held_out).pow(2).mean()) for k, v in
+           {"G(w)": columns[1], "G(w+)": columns[2], "G(w+,f)": columns[3]}.items()}
+    return {"grid": str(grid_path), "checkpoint": checkpoint, "samples": str(store / "runs" / "demo-s2" / "samples"),
+            "shards": {k: shards[k] for k in ("inputs", "written", "errors")},
+            "stage1": {k: r1.metrics.get(k) for k in ("step", "loss", "accuracy")},
+            "stage2": {k: r2.metrics.get(k) for k in ("step", "total")},
+            "held_out_mse": mse, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "outputs" / "demo"), help="output folder")
+    parser.add_argument("--stage1-steps", type=int, default=40)
+    parser.add_argument("--stage2-steps", type=int, default=60)
+    parser.add_argument("--fresh", action="store_true", help="delete the output folder first")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
-    args = parser.parse_args(argv)
-    grid = run(Path(args.out), args.overrides)
-    print(f"grid (input | G(w) | G(w+) | G(w+, f) | edited): {grid}")
+    args = parser.parse_intermixed_args(argv)
+    summary = run(Path(args.out).resolve(), args.overrides, args.stage1_steps, args.stage2_steps, fresh=args.fresh)
+    print(json.dumps(summary, indent=2))
+    print(f"grid (input | G(w) | G(w+) | G(w+, f) | edited): {summary['grid']}")
     return 0
 
 

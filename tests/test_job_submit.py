@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import kill_session
 
 from clcae.config import load_config, to_dict
 from clcae.data.synthesis import PairGenerator
@@ -28,14 +30,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kill_session(sid: int) -> None:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid:
-                    os.kill(int(entry), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 @pytest.fixture
@@ -63,10 +57,8 @@ def head(tmp_path):
         yield url, env
     finally:
         proc.send_signal(signal.SIGTERM)  # stops this head only (never `ray stop`: it kills every Ray)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
         kill_session(proc.pid)
 
 

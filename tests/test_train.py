@@ -4,7 +4,6 @@ resubmission, S3 for shards and checkpoints, and errors raised before any worker
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_session
 
 from clcae.config import load_config
 from clcae.data.shards import ShardError
@@ -36,15 +36,6 @@ def pairs(ray_cluster, tmp_path_factory) -> Path:
     return out
 
 
-def kill_session(sid: int) -> None:
-    """SIGKILL every process of a session: Ray's workers get their own process groups, not sessions."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid:
-                    os.kill(int(entry), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 def read_steps(path: Path) -> list[int]:
