@@ -18,8 +18,10 @@ code path users run.  The pSp encoder is built here from the library's ``Pyramid
 Timing: ``torch.inference_mode``, warm-up calls per case, then ``repeats`` rounds in which every case runs once
 (the order rotates each round, so load from other processes hits all cases alike); wall clock by
 ``time.perf_counter`` with ``torch.cuda.synchronize()`` on CUDA.  Reported: median and min per image, and the
-CLCAE/pSp ratio both as a ratio of medians and as the median of the per-round ratios.  Groups whose rounds are
-slow (1024 x 8 on a laptop CPU) run fewer rounds, down to one, within ``--budget-s``; the JSON says so.
+CLCAE/pSp ratio both as a ratio of medians and as the median of the per-round ratios.  FLOPs per image (batch
+1, matmuls and convolutions counted by ``torch.utils.flop_counter``) give a ratio that machine load cannot
+move.  Groups whose rounds are slow (1024 x 8 on a laptop CPU) run fewer rounds, down to one, within
+``--budget-s``; the JSON says so.
 
     python bench/inference.py --quick
     python bench/inference.py --out bench_inference.json            # 256 and 1024, batch 1 and 8
@@ -42,6 +44,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from clcae.config import CLCAEConfig, load_config
 from clcae.factory import build_clcae
@@ -170,6 +173,24 @@ def run_group(fns: dict[str, Callable[[], Any]], device: torch.device, warmup: i
     return warm, times
 
 
+def gflops(fns: dict[str, Callable[[], Any]]) -> dict[str, float]:
+    """GFLOP per call (matmuls and convolutions, as torch's FlopCounterMode counts them): load-independent."""
+    out = {}
+    for name, fn in fns.items():
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            fn()
+        out[name] = round(counter.get_total_flops() / 1e9, 2)
+    return out
+
+
+def flop_summary(fns: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    per_image = gflops(fns)
+    out: dict[str, Any] = {"gflop_per_image": per_image}
+    if "clcae_inference" in per_image and "psp" in per_image:
+        out["clcae_inference_over_psp"] = round(per_image["clcae_inference"] / per_image["psp"], 3)
+    return out
+
+
 def summarise(call_ms: list[float], batch: int) -> dict[str, Any]:
     per_image = [t / batch for t in call_ms]
     return {
@@ -241,6 +262,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "method": "torch.inference_mode; warm-up calls per case, then rounds with every case once in a rotating "
                   "order; time.perf_counter wall clock" + (" with torch.cuda.synchronize" if device.type == "cuda"
                                                           else ""),
+        "flops": {},
         "results": [],
     }
     start = time.perf_counter()
@@ -248,6 +270,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cfg = bench_config(args.config, size, args.set)
         inverter, psp = build_models(cfg, device)
         report["input_size"] = list(inverter.input_size)
+        if args.flops:
+            # Batch 1 (FLOPs scale linearly with batch); a second opinion on the ratio that load cannot move.
+            fns = {k: v for k, v in case_functions(inverter, psp, 1, device).items() if k in args.cases}
+            report["flops"][str(size)] = flop_summary(fns)
         for batch in args.batches:
             cases = [c for c in args.cases if c != "clcae_train_forward" or batch in args.train_forward_batches]
             fns = {k: v for k, v in case_functions(inverter, psp, batch, device).items() if k in cases}
@@ -308,6 +334,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=None,
                    help="seconds allowed for the timed rounds of one (size, batch); slower groups run fewer "
                         "repeats (at least 1), stated in the JSON. Default 75, none with --quick; 0 = none")
+    p.add_argument("--no-flops", dest="flops", action="store_false",
+                   help="skip the FLOP count (one extra batch-1 call per case and size)")
     p.add_argument("--quick", action="store_true", help="size 256, batch 1, 3 repeats")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")

@@ -148,6 +148,19 @@ class TrainConfig:
 
 
 @dataclass
+class InferConfig:
+    """The bulk inversion job (jobs/invert.py) and the Inverter's batching."""
+
+    batch_size: int = 16  # images per model call
+    actors: int = 1  # inversion actors (one GPU each with use_gpu)
+    use_gpu: bool = False
+    cpus_per_actor: float = 1.0
+    rows_per_file: int = 20_000  # latent-table rows per Parquet file (about 0.8 GB of w+ at 18x512)
+    with_f: bool = False  # also store f (C x 16 x 16, float16): about 256 KB per row at C = 512
+    psnr: bool = True  # store the reconstruction PSNR of G(w+, f) per row
+
+
+@dataclass
 class StorageConfig:
     # None -> the standard AWS variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, ...)
     endpoint_url: str | None = None
@@ -170,6 +183,7 @@ class CLCAEConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     directions: dict[str, DirectionConfig] = field(default_factory=dict)
 
@@ -371,6 +385,10 @@ def _check_data_train_storage(cfg: CLCAEConfig, check: Check) -> None:
     check(t.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
     check(t.max_failures >= -1, "train.max_failures", "must be >= 0, or -1 to retry forever")
     check(bool(t.storage_path.strip()), "train.storage_path", "must not be empty")
+    i = cfg.infer
+    for name in ("batch_size", "actors", "rows_per_file"):
+        check(getattr(i, name) >= 1, f"infer.{name}", "must be >= 1")
+    check(i.cpus_per_actor > 0, "infer.cpus_per_actor", "must be > 0")
     check((s.key is None) == (s.secret is None), "storage.secret" if s.key is not None else "storage.key",
           "storage.key and storage.secret go together: set both or neither")
 

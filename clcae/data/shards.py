@@ -304,7 +304,9 @@ def read_shards(uris: str | Sequence[str], storage: StorageConfig | None = None,
     paths = [st.filesystem(f, storage)[1] for f in files]
     ds = ray.data.read_parquet(paths, filesystem=fs, **read_kwargs)
     # select_columns is pushed down into the Parquet read (read_parquet's columns= is deprecated)
-    return ds.select_columns(list(columns)) if columns is not None else ds
+    if columns is None:
+        return ds
+    return ds.select_columns([*columns, "path"] if read_kwargs.get("include_paths") else list(columns))
 
 
 def decode_batch(batch: Mapping[str, np.ndarray], size: tuple[int, int], keep: Sequence[str] = ()) -> dict:

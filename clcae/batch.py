@@ -1,0 +1,345 @@
+"""Bulk inversion on Ray Data: image shards or folders -> a Parquet latent table + an errors table.
+
+    read (shards: key + image bytes; folders: file bytes)
+      -> decode + validate          CPU tasks; a bad image becomes a row with an ``error``, never an exception
+      -> invert                     actor pool, the library's Inverter loaded once per actor (GPU when set)
+      -> LatentTableSink            one write per ~``infer.rows_per_file`` rows: latents/part-*.parquet and
+                                    errors/part-*.parquet, each file written atomically
+
+Layout of ``OUT``: ``latents/`` (key, source, w, w_plus[, f][, psnr], model_id) with fixed-size list columns any
+Parquet reader understands, zstd; ``errors/`` (key, source, error).  Every input row ends in exactly one of
+them: inputs == latents + errors.  A re-run reads the keys already written and skips them, so it resumes an
+interrupted run and never duplicates a key; part files are named by a hash of their keys, so a retried
+write task replaces its own file instead of adding a second copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clcae.config import CLCAEConfig, from_dict, to_dict
+from clcae.data import storage as st
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("error", pa.string())])
+
+
+def latent_schema(style_dim: int, n_latent: int, feature_size: int | None = None, psnr: bool = True) -> pa.Schema:
+    fields = [("key", pa.string()), ("source", pa.string()),
+              ("w", pa.list_(pa.float32(), style_dim)),
+              ("w_plus", pa.list_(pa.float32(), n_latent * style_dim))]
+    if feature_size:
+        fields.append(("f", pa.list_(pa.float16(), feature_size)))
+    if psnr:
+        fields.append(("psnr", pa.float32()))
+    fields.append(("model_id", pa.string()))
+    meta = {b"w_plus_shape": f"{n_latent},{style_dim}".encode(), b"clcae": b"latent-table/1"}
+    return pa.schema(fields, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------- inputs
+@dataclass
+class Inputs:
+    shard_files: list[str]
+    image_files: list[tuple[str, str]]  # (uri, key)
+    partial: dict[str, list[str]]       # shard file -> keys already done in it (only partly done files)
+    total: int                          # rows in the input (done ones included)
+    skipped: int                        # rows already in the output
+
+
+def done_keys(out_uri: str, cfg: CLCAEConfig) -> set[str]:
+    """Keys already in the latent or errors table (only the key column is read)."""
+    keys: set[str] = set()
+    for sub in ("latents", "errors"):
+        for uri in st.list_files(st.join(out_uri, sub), cfg.storage):
+            fs, path = st.filesystem(uri, cfg.storage)
+            with fs.open(path, "rb") as fh:
+                keys.update(pq.read_table(fh, columns=["key"]).column("key").to_pylist())
+    return keys
+
+
+def plan_inputs(uris: Iterable[str], out_uri: str, cfg: CLCAEConfig) -> Inputs:
+    """Expand input URIs into shard files and image files, minus what the output already holds."""
+    from clcae.data.shards import validate_shards
+
+    done = done_keys(out_uri, cfg)
+    shard_files, images, partial, total, skipped = [], [], {}, 0, 0
+    for uri in uris:
+        parquet = st.list_files(uri, cfg.storage, suffix=".parquet") if not uri.endswith(".parquet") else [uri]
+        if parquet:
+            for f in validate_shards(parquet, cfg.storage):
+                fs, path = st.filesystem(f, cfg.storage)
+                with fs.open(path, "rb") as fh:
+                    keys = pq.read_table(fh, columns=["key"]).column("key").to_pylist()
+                total += len(keys)
+                already = [k for k in keys if k in done]
+                skipped += len(already)
+                if len(already) < len(keys):
+                    shard_files.append(f)
+                    if already:
+                        partial[f] = already
+            continue
+        found = [u for u in st.list_files(uri, cfg.storage, suffix="") if u.lower().endswith(IMAGE_SUFFIXES)]
+        if not found:
+            raise st.StorageError(f"no Parquet shards or images found at {uri}")
+        base = uri.rstrip("/") + "/"
+        for u in found:
+            key = u[len(base):] if u.startswith(base) else u.rsplit("/", 1)[-1]
+            total += 1
+            if key in done:
+                skipped += 1
+            else:
+                images.append((u, key))
+    return Inputs(shard_files, images, partial, total, skipped)
+
+
+# --------------------------------------------------------------------------------------------- stages
+def decode_rows(batch: dict[str, np.ndarray], size: tuple[int, int], skip: dict[str, list[str]] | None = None,
+                min_size: int = 16) -> dict[str, np.ndarray]:
+    """key/source/image bytes -> key/source/pixels (B, H, W, 3) uint8 at the input size, error ('' if fine)."""
+    from PIL import Image
+
+    from clcae.data.images import InputError, decode_image
+
+    keys, sources, images = batch["key"], batch["source"], batch["image"]
+    read_errors = batch["error"] if "error" in batch else [""] * len(keys)
+    skip_sets = {k: set(v) for k, v in (skip or {}).items()}
+    out_keys, out_sources, errors, pixels = [], [], [], []
+    h, w = size
+    for key, source, data, read_error in zip(keys, sources, images, read_errors):
+        if source in skip_sets and key in skip_sets[source]:
+            continue
+        arr, error = np.zeros((h, w, 3), np.uint8), str(read_error)
+        try:
+            if error:
+                raise InputError(error)
+            im = decode_image(bytes(data))
+            if min(im.size) < min_size:
+                raise InputError(f"image is {im.width}x{im.height}: smaller than {min_size} px on a side")
+            arr = np.asarray(im.resize((w, h), Image.Resampling.BICUBIC) if im.size != (w, h) else im, np.uint8)
+        except InputError as exc:
+            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one bad image must never stop the job
+            error = f"{type(exc).__name__}: {exc}"
+        out_keys.append(str(key))
+        out_sources.append(str(source))
+        errors.append(error)
+        pixels.append(arr)
+    return {"key": np.asarray(out_keys, dtype=object), "source": np.asarray(out_sources, dtype=object),
+            "error": np.asarray(errors, dtype=object),
+            "pixels": np.stack(pixels) if pixels else np.zeros((0, h, w, 3), np.uint8)}
+
+
+class InvertActor:
+    """Ray Data actor: the Inverter, built once per actor."""
+
+    def __init__(self, config: dict[str, Any], checkpoint: str | None, device: str, with_f: bool, psnr: bool):
+        import torch
+
+        from clcae.inference import Inverter
+
+        cfg = from_dict(config)
+        torch.set_num_threads(max(1, int(cfg.infer.cpus_per_actor)))
+        self.inverter = (Inverter.from_checkpoint(checkpoint, device=device) if checkpoint
+                         else Inverter.from_config(cfg, device=device))
+        self.with_f, self.psnr = with_f, psnr
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        g = self.inverter.model.decoder
+        b, d, n, c = len(batch["key"]), g.style_dim, g.n_latent, g.feature_channels
+        ok = np.array([e == "" for e in batch["error"]], bool)
+        out = {"key": batch["key"], "source": batch["source"], "error": batch["error"].copy(),
+               "w": np.full((b, d), np.nan, np.float32), "w_plus": np.full((b, n * d), np.nan, np.float32),
+               "psnr": np.full(b, np.nan, np.float32)}
+        if self.with_f:
+            out["f"] = np.zeros((b, c * 256), np.float16)
+        if ok.any():
+            x = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).permute(0, 3, 1, 2).float() / 127.5 - 1
+            try:
+                res = self.inverter.invert(x)
+            except Exception as exc:  # noqa: BLE001 - recorded per row, the job goes on
+                for i in np.flatnonzero(ok):
+                    out["error"][i] = f"inversion failed: {type(exc).__name__}: {exc}"
+                return out
+            out["w"][ok] = res.w.float().cpu().numpy()
+            out["w_plus"][ok] = res.w_plus.float().cpu().numpy().reshape(-1, n * d)
+            if self.with_f:
+                out["f"][ok] = res.f.float().cpu().numpy().reshape(-1, c * 256).astype(np.float16)
+            if self.psnr:
+                from clcae.metrics import psnr
+
+                out["psnr"][ok] = psnr(res.image.float().cpu(), x).numpy()
+        out["model_id"] = np.asarray([self.inverter.model_id] * b, dtype=object)
+        return out
+
+
+# --------------------------------------------------------------------------------------------- sink
+def _fixed(values: np.ndarray, width: int, dtype: pa.DataType) -> pa.FixedSizeListArray:
+    flat = np.ascontiguousarray(np.stack(list(values)) if values.dtype == object else values).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, dtype), width)
+
+
+def _part_name(keys: list[str]) -> str:
+    return "part-" + hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:20] + ".parquet"
+
+
+def _write_table(table: pa.Table, uri: str, storage) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    st.write_bytes(uri, buf.getvalue(), storage)
+
+
+def make_sink(out_uri: str, cfg: CLCAEConfig, schema: pa.Schema):
+    """A Ray Data Datasink writing latents and errors from the same rows, ~rows_per_file rows per write."""
+    from ray.data import Datasink
+
+    class LatentTableSink(Datasink):
+        def __init__(self):
+            self.out, self.storage, self.schema = out_uri, cfg.storage, schema
+            self.rows = cfg.infer.rows_per_file
+            self.counts = {"written": 0, "errors": 0, "files": 0}
+
+        @property
+        def min_rows_per_write(self) -> int:
+            return self.rows
+
+        def write(self, blocks, ctx) -> dict[str, int]:
+            tables = [pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b for b in blocks]
+            tables = [t if isinstance(t, pa.Table) else pa.Table.from_pandas(t) for t in tables]
+            table = pa.concat_tables(tables, promote_options="default") if tables else None
+            counts = {"written": 0, "errors": 0, "files": 0}
+            if table is None or table.num_rows == 0:
+                return counts
+            errors = np.asarray(table.column("error").to_pylist(), dtype=object)
+            bad = errors != ""
+            if bad.any():
+                idx = np.flatnonzero(bad)
+                err = pa.table({"key": table.column("key").take(idx).cast(pa.string()),
+                                "source": table.column("source").take(idx).cast(pa.string()),
+                                "error": pa.array(errors[idx].tolist(), pa.string())}, schema=ERRORS_SCHEMA)
+                _write_table(err, st.join(self.out, "errors", _part_name(err.column("key").to_pylist())), self.storage)
+                counts["errors"] = len(idx)
+            good = np.flatnonzero(~bad)
+            # at most rows_per_file rows per file: a write may receive more (blocks are bundled, not split)
+            for start in range(0, len(good), self.rows):
+                t = table.take(good[start:start + self.rows])
+                cols: dict[str, Any] = {}
+                for field in self.schema:
+                    name = field.name
+                    if pa.types.is_fixed_size_list(field.type):
+                        cols[name] = _fixed(t.column(name).to_numpy(zero_copy_only=False), field.type.list_size,
+                                            field.type.value_type)
+                    else:
+                        cols[name] = t.column(name).cast(field.type)
+                lat = pa.table(cols, schema=self.schema)
+                _write_table(lat, st.join(self.out, "latents", _part_name(lat.column("key").to_pylist())),
+                             self.storage)
+                counts["files"] += 1
+            counts["written"] = len(good)
+            counts["files"] += int(bool(bad.any()))
+            return counts
+
+        def on_write_complete(self, write_result) -> None:
+            for r in write_result.write_returns:
+                for k in self.counts:
+                    self.counts[k] += r[k]
+
+    return LatentTableSink()
+
+
+# --------------------------------------------------------------------------------------------- job
+def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, checkpoint: str | None = None
+                    ) -> dict[str, Any]:
+    """Run the bulk job; returns {"inputs", "skipped", "written", "errors", ...} with
+    inputs == skipped + written + errors."""
+    import ray
+
+    t0 = time.perf_counter()
+    st.check_access(out_uri, cfg.storage, write=True)
+    plan = plan_inputs(inputs, out_uri, cfg)
+    summary: dict[str, Any] = {"inputs": plan.total, "skipped": plan.skipped, "written": 0, "errors": 0,
+                               "output": out_uri}
+    if not plan.shard_files and not plan.image_files:
+        summary["seconds"] = round(time.perf_counter() - t0, 2)
+        return summary
+    datasets = []
+    if plan.shard_files:
+        from clcae.data.shards import read_shards
+
+        ds = read_shards(plan.shard_files, cfg.storage, columns=["key", "image"], include_paths=True)
+        uris = {st.filesystem(f, cfg.storage)[1]: f for f in plan.shard_files}
+        datasets.append(ds.map_batches(_shard_rows, fn_kwargs={"uris": uris}, batch_format="numpy"))
+    if plan.image_files:
+        # Files are read inside the pipeline, one by one, so an unreadable file is one error row, not a
+        # failed read task.
+        items = [{"key": k, "source": u} for u, k in plan.image_files]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.infer.batch_size, 1000)))
+        datasets.append(ds.map_batches(_read_files, fn_kwargs={"storage": cfg.storage}, batch_format="numpy"))
+    ds = datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
+    size = tuple(cfg.encoder.input_size)
+    ds = ds.map_batches(decode_rows, fn_kwargs={"size": size, "skip": plan.partial or None}, batch_format="numpy",
+                        batch_size=cfg.infer.batch_size)
+    i = cfg.infer
+    use_gpu = i.use_gpu
+    ds = ds.map_batches(
+        InvertActor, fn_constructor_kwargs={"config": to_dict(cfg), "checkpoint": checkpoint,
+                                            "device": "cuda" if use_gpu else "cpu", "with_f": i.with_f,
+                                            "psnr": i.psnr},
+        batch_size=i.batch_size, batch_format="numpy", num_gpus=1 if use_gpu else 0, num_cpus=i.cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=i.actors))
+    g = cfg.generator
+    n = 2 * int(np.log2(g.size)) - 2
+    from clcae.models.stylegan2 import channel_table
+
+    feature = channel_table(g.channel_multiplier, g.channel_max)[16] * 256 if i.with_f else None
+    sink = make_sink(out_uri, cfg, latent_schema(g.style_dim, n, feature, i.psnr))
+    ds.write_datasink(sink)
+    summary.update(written=sink.counts["written"], errors=sink.counts["errors"],
+                   seconds=round(time.perf_counter() - t0, 2))
+    summary["images_per_s"] = round((summary["written"] + summary["errors"]) / max(summary["seconds"], 1e-9), 2)
+    return summary
+
+
+def _shard_rows(batch: dict[str, np.ndarray], uris: dict[str, str]) -> dict[str, np.ndarray]:
+    sources = np.asarray([uris.get(str(p), str(p)) for p in batch["path"]], dtype=object)
+    return {"key": batch["key"], "source": sources, "image": batch["image"]}
+
+
+def _read_files(batch: dict[str, np.ndarray], storage) -> dict[str, np.ndarray]:
+    data, errors = [], []
+    for uri in batch["source"]:
+        try:
+            fs, path = st.filesystem(str(uri), storage)
+            with fs.open(path, "rb") as fh:
+                data.append(fh.read())
+            errors.append("")
+        except Exception as exc:  # noqa: BLE001 - an unreadable file is that file's error row
+            data.append(b"")
+            errors.append(f"cannot read file: {type(exc).__name__}: {exc}")
+    return {"key": batch["key"], "source": batch["source"], "image": np.asarray(data, dtype=object),
+            "error": np.asarray(errors, dtype=object)}
+
+
+def read_table(uri: str, cfg: CLCAEConfig, sub: str = "latents") -> pa.Table:
+    """The whole latent (or errors) table as one pyarrow Table (for tests and small tables)."""
+    files = st.list_files(st.join(uri, sub), cfg.storage)
+    tables = []
+    for f in files:
+        fs, path = st.filesystem(f, cfg.storage)
+        with fs.open(path, "rb") as fh:
+            tables.append(pq.read_table(fh))
+    return pa.concat_tables(tables) if tables else pa.table({})

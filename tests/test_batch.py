@@ -1,0 +1,169 @@
+"""Bulk inversion into Parquet: accounting, idempotent re-runs, S3, readers other than Ray."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from clcae.batch import invert_to_table, read_table
+from clcae.config import load_config
+from clcae.data.shards import ShardWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def png(seed: int, size=(48, 40)) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def forged_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose IHDR claims width x height: a decompression bomb's header without the memory."""
+    data = bytearray(png(0, (8, 8)))
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    return bytes(data)
+
+
+def encoded(mode: str, fmt: str = "PNG", size=(40, 40)) -> bytes:
+    im = Image.fromarray(np.random.default_rng(1).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    im = im.convert(mode) if mode != "I;16" else Image.fromarray(np.full(size[::-1], 40000, np.uint16))
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def image_folder(folder: Path, n: int, corrupt: set[int]) -> None:
+    (folder / "sub").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        data = png(i)
+        if i in corrupt:
+            data = data[: len(data) // 3]  # truncated PNG
+        (folder / ("sub" if i % 2 else "") / f"img_{i:03d}.png").write_bytes(data)
+
+
+ZOO_OK = {"cmyk.jpg": ("CMYK", "JPEG"), "gray16.png": ("I;16", "PNG"), "rgba.png": ("RGBA", "PNG"),
+          "palette.png": ("P", "PNG"), "la.png": ("LA", "PNG")}
+
+
+def bad_zoo(folder: Path) -> set[str]:
+    """Inputs that must each become one errors-table row."""
+    jpeg = encoded("RGB", "JPEG")
+    bad = {"truncated.jpg": jpeg[: len(jpeg) // 2], "zero.png": b"", "notes.jpg": b"just some text, not a JPEG",
+           "tiny.png": encoded("RGB", size=(1, 1)), "bomb.png": forged_png(20000, 20000)}
+    for name, data in bad.items():
+        (folder / name).write_bytes(data)
+    (folder / "dangling.png").symlink_to(folder / "no-such-file.png")  # an unreadable path
+    return {*bad, "dangling.png"}
+
+
+def cfg(*overrides: str):
+    return load_config(ROOT / "configs" / "tiny.yaml", ["infer.batch_size=4", "infer.rows_per_file=8",
+                                                          "infer.cpus_per_actor=0.5", *overrides])
+
+
+def test_exact_accounting_and_idempotent_rerun(ray_cluster, tmp_path):
+    image_folder(tmp_path / "in", 40, corrupt={3, 17})  # 5% corrupt
+    (tmp_path / "in" / "empty.jpg").write_bytes(b"")
+    out = str(tmp_path / "out")
+    c = cfg("infer.with_f=true")
+    first = invert_to_table(c, [str(tmp_path / "in")], out)
+    assert first["inputs"] == 41 and first["written"] == 38 and first["errors"] == 3 and first["skipped"] == 0
+    latents, errors = read_table(out, c), read_table(out, c, "errors")
+    assert latents.num_rows == 38 and errors.num_rows == 3
+    assert set(errors.column("key").to_pylist()) == {"sub/img_003.png", "sub/img_017.png", "empty.jpg"}
+    assert all(e for e in errors.column("error").to_pylist())
+    assert len(set(latents.column("key").to_pylist())) == 38
+    # a plain pyarrow reader understands every column: fixed-size lists, not Ray extension types
+    files = sorted((tmp_path / "out" / "latents").glob("*.parquet"))
+    t = pq.read_table(files[0])
+    wtype = t.schema.field("w").type
+    assert pa.types.is_fixed_size_list(wtype) and wtype.list_size == 64 and wtype.value_type == pa.float32()
+    assert t.schema.field("w_plus").type.list_size == 10 * 64
+    assert t.schema.field("f").type.value_type.bit_width == 16
+    assert 2 <= len(files) <= 6  # coalesced writes, not one file per block
+    w = np.stack(t.column("w").to_numpy(zero_copy_only=False))
+    assert w.shape == (t.num_rows, 64) and np.isfinite(w).all()
+    assert np.isfinite(np.asarray(t.column("psnr"))).all()
+    # re-run: nothing to do, nothing duplicated
+    again = invert_to_table(c, [str(tmp_path / "in")], out)
+    assert again["skipped"] == 41 and again["written"] == 0 and again["errors"] == 0
+    assert read_table(out, c).num_rows == 38
+    # new files arriving later (or an interrupted run): only those are processed
+    (tmp_path / "in" / "late.png").write_bytes(png(99))
+    third = invert_to_table(c, [str(tmp_path / "in")], out)
+    assert third["written"] == 1 and third["skipped"] == 41
+    keys = read_table(out, c).column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 39
+
+
+def test_shards_on_s3_round_trip_and_ray_data_reads_the_table(s3_server, ray_cluster, tmp_path):
+    import ray
+
+    bucket = s3_server.create_bucket()
+    storage = [f"storage.endpoint_url={s3_server.endpoint_url}", "storage.region=us-east-1",
+               "storage.key=testing", "storage.secret=testing"]
+    c = cfg(*storage)
+    with ShardWriter(f"{bucket}/shards", c.storage, rows_per_shard=6) as writer:
+        for i in range(12):
+            data = b"\x89PNG garbage" if i == 5 else png(i)
+            writer.write({"key": f"k{i:02d}", "image": data, "height": 40, "width": 48})
+    summary = invert_to_table(c, [f"{bucket}/shards"], f"{bucket}/latents")
+    assert (summary["inputs"], summary["written"], summary["errors"]) == (12, 11, 1)
+    table = read_table(f"{bucket}/latents", c)
+    assert sorted(table.column("key").to_pylist()) == [f"k{i:02d}" for i in range(12) if i != 5]
+    assert all(s.startswith(f"{bucket}/shards/") for s in table.column("source").to_pylist())
+    from clcae.data.storage import filesystem
+
+    fs, path = filesystem(f"{bucket}/latents/latents", c.storage)
+    ds = ray.data.read_parquet(path, filesystem=fs)
+    assert ds.count() == 11
+    row = ds.take(1)[0]
+    assert len(row["w"]) == 64 and len(row["w_plus"]) == 640
+    assert invert_to_table(c, [f"{bucket}/shards"], f"{bucket}/latents")["skipped"] == 12
+
+
+def test_bad_input_zoo_each_becomes_an_error_row(ray_cluster, tmp_path):
+    folder = tmp_path / "zoo"
+    folder.mkdir()
+    for name, (mode, fmt) in ZOO_OK.items():
+        (folder / name).write_bytes(encoded(mode, fmt))
+    bad = bad_zoo(folder)
+    c = cfg()
+    summary = invert_to_table(c, [str(folder)], str(tmp_path / "out"))
+    assert (summary["inputs"], summary["written"], summary["errors"]) == (len(ZOO_OK) + len(bad), len(ZOO_OK), len(bad))
+    errors = {r["key"]: r["error"] for r in read_table(str(tmp_path / "out"), c, "errors").to_pylist()}
+    assert set(errors) == bad
+    assert "pixel limit" in errors["bomb.png"] or "bomb" in errors["bomb.png"]
+    assert "0 bytes" in errors["zero.png"] and "smaller than" in errors["tiny.png"]
+    assert "cannot read file" in errors["dangling.png"]
+    assert set(read_table(str(tmp_path / "out"), c).column("key").to_pylist()) == set(ZOO_OK)
+
+
+def test_interrupted_run_resumes_only_missing_rows_of_a_partly_done_shard(ray_cluster, tmp_path):
+    c = cfg()
+    with ShardWriter(str(tmp_path / "shards"), c.storage, rows_per_shard=20) as writer:
+        for i in range(20):
+            writer.write({"key": f"k{i:02d}", "image": png(i), "height": 40, "width": 48})
+    out = str(tmp_path / "out")
+    assert invert_to_table(c, [str(tmp_path / "shards")], out)["written"] == 20
+    parts = sorted((tmp_path / "out" / "latents").glob("part-*.parquet"))
+    assert len(parts) >= 2  # rows_per_file=8: several parts
+    lost = set(pq.read_table(parts[0], columns=["key"]).column("key").to_pylist())
+    parts[0].unlink()  # as if the run had died before this part was written
+    again = invert_to_table(c, [str(tmp_path / "shards")], out)
+    assert again["written"] == len(lost) and again["skipped"] == 20 - len(lost)
+    keys = read_table(out, c).column("key").to_pylist()
+    assert sorted(keys) == [f"k{i:02d}" for i in range(20)]
