@@ -46,10 +46,14 @@ def render(generator, cfg, seeds: range) -> torch.Tensor:
 
 def write_photos(generator, cfg, folder: Path, n: int) -> None:
     """A folder of PNG files standing in for a user's image collection."""
+    write_photos_seeds(generator, cfg, folder, range(1_000_000, 1_000_000 + n))
+
+
+def write_photos_seeds(generator, cfg, folder: Path, seeds: range) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for start in range(0, n, 32):
-        seeds = range(1_000_000 + start, 1_000_000 + min(n, start + 32))
-        for s, im in zip(seeds, tensor_to_pil(render(generator, cfg, seeds))):
+    for start in range(0, len(seeds), 32):
+        chunk = seeds[start:start + 32]
+        for s, im in zip(chunk, tensor_to_pil(render(generator, cfg, chunk))):
             (folder / f"photo_{s}.png").write_bytes(encode_png(im))
 
 
@@ -121,13 +125,23 @@ def run(out: Path, overrides: list[str], stage1_steps: int, stage2_steps: int, n
     rows = list(zip(*[tensor_to_pil(c) for c in columns]))
     grid_path = out / "grid.png"
     image_grid(rows).resize((5 * 128, len(rows) * 128), 0).save(grid_path)
+    log.info("bulk inversion of held-out images into a latent table")
+    from clcae.batch import invert_to_table
+
+    held_dir = out / "held_out"
+    if not held_dir.exists():
+        write_photos_seeds(generator, cfg, held_dir, range(3_000_000, 3_000_016))
+    (held_dir / "broken.png").write_bytes(b"not an image: the errors table shows it")
+    table = invert_to_table(s2, [str(held_dir)], str(store / "latents"), checkpoint)
     mse = {k: float((v - held_out).pow(2).mean()) for k, v in
            {"G(w)": columns[1], "G(w+)": columns[2], "G(w+,f)": columns[3]}.items()}
     return {"grid": str(grid_path), "checkpoint": checkpoint, "samples": str(store / "runs" / "demo-s2" / "samples"),
             "shards": {k: shards[k] for k in ("inputs", "written", "errors")},
             "stage1": {k: r1.metrics.get(k) for k in ("step", "loss", "accuracy")},
             "stage2": {k: r2.metrics.get(k) for k in ("step", "total")},
-            "held_out_mse": mse, "seconds": round(time.perf_counter() - t0, 1)}
+            "held_out_mse": mse,
+            "latent_table": {k: table[k] for k in ("output", "inputs", "skipped", "written", "errors")},
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = run(Path(args.out).resolve(), args.overrides, args.stage1_steps, args.stage2_steps, fresh=args.fresh)
     print(json.dumps(summary, indent=2))
     print(f"grid (input | G(w) | G(w+) | G(w+, f) | edited): {summary['grid']}")
+    t = summary["latent_table"]
+    print(f"latent table: {t['output']}/latents ({t['written']} rows; {t['errors']} in {t['output']}/errors; "
+          f"{t['skipped']} already there)")
     return 0
 
 
