@@ -161,6 +161,28 @@ class InferConfig:
 
 
 @dataclass
+class ServeConfig:
+    """Ray Serve app (serve/app.py): HTTP, batching, autoscaling and limits."""
+
+    checkpoint: str | None = None  # our stage-2 checkpoint; None = the config's model (random encoder)
+    host: str = "127.0.0.1"  # loopback unless an API key is set
+    port: int = 8000
+    api_key: str | None = None  # required in the X-API-Key header when set (or env CLCAE_API_KEY)
+    max_body_mb: float = 10.0  # larger uploads get 413
+    request_timeout_s: float = 30.0
+    max_batch_size: int = 8  # @serve.batch on the inversion deployment
+    batch_wait_timeout_s: float = 0.02
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 8.0
+    max_ongoing_requests: int = 16  # per replica; >= max_batch_size so batches can fill
+    max_queued_requests: int = 32  # per deployment; beyond it requests get 503 + Retry-After at once
+    use_gpu: bool = False
+    cpus_per_replica: float = 1.0
+    max_strength: float = 10.0  # cap on |strength| on top of each direction's own max_strength
+
+
+@dataclass
 class StorageConfig:
     # None -> the standard AWS variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, ...)
     endpoint_url: str | None = None
@@ -184,6 +206,7 @@ class CLCAEConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     directions: dict[str, DirectionConfig] = field(default_factory=dict)
 
@@ -389,6 +412,17 @@ def _check_data_train_storage(cfg: CLCAEConfig, check: Check) -> None:
     for name in ("batch_size", "actors", "rows_per_file"):
         check(getattr(i, name) >= 1, f"infer.{name}", "must be >= 1")
     check(i.cpus_per_actor > 0, "infer.cpus_per_actor", "must be > 0")
+    v = cfg.serve
+    check(1 <= v.port <= 65535, "serve.port", "must be a TCP port (1..65535)")
+    check(v.max_body_mb > 0, "serve.max_body_mb", "must be > 0")
+    check(v.request_timeout_s > 0, "serve.request_timeout_s", "must be > 0")
+    check(v.max_batch_size >= 1, "serve.max_batch_size", "must be >= 1")
+    check(v.max_ongoing_requests >= v.max_batch_size, "serve.max_ongoing_requests",
+          "must be >= serve.max_batch_size, or batches can never fill")
+    check(1 <= v.min_replicas <= v.max_replicas, "serve.min_replicas", "must be >= 1 and <= serve.max_replicas")
+    check(v.max_queued_requests >= 1, "serve.max_queued_requests", "must be >= 1: a bounded queue")
+    check(v.host in ("127.0.0.1", "localhost", "::1") or bool(v.api_key), "serve.host",
+          "binding beyond loopback needs serve.api_key (or put a gateway in front and keep loopback)")
     check((s.key is None) == (s.secret is None), "storage.secret" if s.key is not None else "storage.key",
           "storage.key and storage.secret go together: set both or neither")
 

@@ -137,12 +137,16 @@ class Inverter:
         w_plus_edit = self.directions.apply_to_w_plus(w_plus_edit, edits)
         return m.edited_images(inversion.w_plus, inversion.f, w_plus_edit, f_edit, g5=inversion.g5)
 
-    def latents_to_inversion(self, w: torch.Tensor, w_plus: torch.Tensor, f: torch.Tensor) -> Inversion:
-        """Wrap client-supplied latents, validating their shapes, for :meth:`edit` / :meth:`render`."""
+    def latents_to_inversion(self, w: torch.Tensor, w_plus: torch.Tensor, f: torch.Tensor,
+                             deltas: torch.Tensor | None = None) -> Inversion:
+        """Wrap client-supplied latents, validating their shapes, for :meth:`edit`.  With the encoder's
+        residuals (``deltas``), w-space edits re-run the W+ attention; without, they shift every layer of w+."""
         g = self.model.decoder
         d, n = g.style_dim, g.n_latent
         c = g.feature_channels
         checks = [("w", w, (d,)), ("w_plus", w_plus, (n, d)), ("f", f, (c, 16, 16))]
+        if deltas is not None:
+            checks.append(("deltas", deltas, (n, d)))
         for name, t, shape in checks:
             if t.ndim != len(shape) + 1 or tuple(t.shape[1:]) != shape:
                 raise InputError(f"{name} must have shape (B, {', '.join(map(str, shape))}), got {tuple(t.shape)}")
@@ -150,9 +154,11 @@ class Inverter:
                 raise InputError(f"{name} contains NaN or infinite values")
         dev = self.device
         w, w_plus, f = w.to(dev).float(), w_plus.to(dev).float(), f.to(dev).float()
+        deltas = deltas.to(dev).float() if deltas is not None else None
+        holder = _G5Holder()
         with torch.inference_mode():
-            image = self.model.render(w, w_plus, f, ("f",))["f"]
-        return Inversion(w, w_plus, f, image)
+            image = self.model.render(w, w_plus, f, ("f",), out=holder)["f"]
+        return Inversion(w, w_plus, f, image, deltas=deltas, g5=holder.g5)
 
 
 class _G5Holder:

@@ -1,0 +1,63 @@
+"""Serve entry point: `serve run serve.app:build_app config=configs/tiny.yaml [checkpoint=...]`, `serve run
+serve/config.yaml`, or `python serve/app.py --config ... [--checkpoint ...]` (starts Serve on serve.host:port).
+
+The deployments live in clcae/serving.py; this file only reads the config and the web page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from clcae.config import load_config  # noqa: E402
+from clcae.serving import build, start  # noqa: E402
+
+PAGE = Path(__file__).resolve().parent / "static" / "index.html"
+
+
+def page() -> str:
+    return PAGE.read_text() if PAGE.exists() else ""
+
+
+def build_app(args: dict[str, str]):
+    """Application builder for `serve run` / `serve deploy`: args config=..., checkpoint=..., and any other
+    key=value pair is a config override (e.g. serve.max_replicas=4)."""
+    args = dict(args)
+    cfg_path = args.pop("config", str(ROOT / "configs" / "tiny.yaml"))
+    checkpoint = args.pop("checkpoint", None)
+    overrides = [f"{k}={v}" for k, v in args.items()]
+    if checkpoint:
+        overrides.append(f"serve.checkpoint={checkpoint}")
+    return build(load_config(cfg_path, overrides), page())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args(argv)
+    overrides = list(args.overrides) + ([f"serve.checkpoint={args.checkpoint}"] if args.checkpoint else [])
+    cfg = load_config(args.config, overrides)
+    from clcae.train.runtime import init_ray
+
+    init_ray()
+    start(cfg, page())
+    print(f"serving on http://{cfg.serve.host}:{cfg.serve.port}/ (Ctrl-C to stop)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
