@@ -71,8 +71,44 @@ def fit_directions(generator, out_dir: Path, n: int = 4096, seed: int = 0, compo
     return out_dir / "pca.pt", out_dir / "pc0.pt"
 
 
+def serve_and_edit(cfg, checkpoint: str, directions, photo: Path, out: Path, keep_up: bool) -> dict:
+    """Serve the trained model, make one edit request over HTTP, save it; shut down unless keep_up."""
+    import socket
+
+    import httpx
+    from ray import serve
+
+    from clcae.serving import start
+
+    sys.path.insert(0, str(ROOT))
+    from serve.app import page
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1] if not keep_up else 8000
+    cfg.serve.checkpoint, cfg.serve.port, cfg.serve.cpus_per_replica = checkpoint, port, 0.5
+    cfg.serve.max_replicas, cfg.directions = 1, directions
+    start(cfg, page())
+    url = f"http://127.0.0.1:{port}/"
+    r = httpx.post(f"{url}v1/edit", files={"image": (photo.name, photo.read_bytes())},
+                   data={"edits": json.dumps([{"direction": "pc0", "strength": 3.0}])}, timeout=120)
+    r.raise_for_status()
+    (out / "served_edit.png").write_bytes(r.content)
+    result = {"url": url, "request": "POST /v1/edit pc0=3.0", "status": r.status_code,
+              "saved": str(out / "served_edit.png")}
+    if keep_up:
+        print(f"web editor: {url}  (Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    serve.shutdown()
+    return result
+
+
 def run(out: Path, overrides: list[str], stage1_steps: int, stage2_steps: int, n_photos: int = 64,
-        n_pairs: int = 128, fresh: bool = False) -> dict:
+        n_pairs: int = 128, fresh: bool = False, keep_up: bool = False) -> dict:
     from clcae.data.shards import make_shards
     from clcae.data.synthesis import synthesize
     from clcae.inference import Inverter, directions_from_config
@@ -133,6 +169,7 @@ def run(out: Path, overrides: list[str], stage1_steps: int, stage2_steps: int, n
         write_photos_seeds(generator, cfg, held_dir, range(3_000_000, 3_000_016))
     (held_dir / "broken.png").write_bytes(b"not an image: the errors table shows it")
     table = invert_to_table(s2, [str(held_dir)], str(store / "latents"), checkpoint)
+    served = serve_and_edit(s2, checkpoint, cfg.directions, held_dir / "photo_3000000.png", out, keep_up)
     mse = {k: float((v - held_out).pow(2).mean()) for k, v in
            {"G(w)": columns[1], "G(w+)": columns[2], "G(w+,f)": columns[3]}.items()}
     return {"grid": str(grid_path), "checkpoint": checkpoint, "samples": str(store / "runs" / "demo-s2" / "samples"),
@@ -141,7 +178,7 @@ def run(out: Path, overrides: list[str], stage1_steps: int, stage2_steps: int, n
             "stage2": {k: r2.metrics.get(k) for k in ("step", "total")},
             "held_out_mse": mse,
             "latent_table": {k: table[k] for k in ("output", "inputs", "skipped", "written", "errors")},
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "served_edit": served, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,12 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage1-steps", type=int, default=40)
     parser.add_argument("--stage2-steps", type=int, default=60)
     parser.add_argument("--fresh", action="store_true", help="delete the output folder first")
+    parser.add_argument("--serve", action="store_true", help="keep the web editor up at the end (port 8000)")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_intermixed_args(argv)
-    summary = run(Path(args.out).resolve(), args.overrides, args.stage1_steps, args.stage2_steps, fresh=args.fresh)
+    summary = run(Path(args.out).resolve(), args.overrides, args.stage1_steps, args.stage2_steps, fresh=args.fresh,
+                  keep_up=args.serve)
     print(json.dumps(summary, indent=2))
     print(f"grid (input | G(w) | G(w+) | G(w+, f) | edited): {summary['grid']}")
     t = summary["latent_table"]
+    print(f"served: {summary['served_edit']['url']} (the web editor; `python jobs/demo.py --serve` keeps it up); "
+          f"one HTTP edit saved to {summary['served_edit']['saved']}")
     print(f"latent table: {t['output']}/latents ({t['written']} rows; {t['errors']} in {t['output']}/errors; "
           f"{t['skipped']} already there)")
     return 0
