@@ -226,3 +226,26 @@ def test_ganspace_rejects_impossible_requests(generator):
         fit_ganspace(generator, n_samples=1000, components=65)
     with pytest.raises(DirectionFitError, match="batch = 10"):
         fit_ganspace(generator, n_samples=1000, components=16, batch=10)
+
+
+def test_generator_comes_from_either_checkpoint_kind(generator, tmp_path):
+    from clcae.config import to_dict
+    from clcae.directions import generator_for
+    from clcae.factory import build_clcae
+    from clcae.weights import WeightsError, save_checkpoint, save_rosinality
+
+    cfg = load_config("configs/tiny.yaml")
+    model = build_clcae(cfg)
+    with torch.no_grad():  # weights unlike the seeded init, so loading them is what the test sees
+        for p in model.decoder.style.parameters():
+            p.add_(0.1)
+    z = torch.randn(3, D)
+    expected = model.decoder.mapping(z)
+    assert not torch.allclose(expected, generator.mapping(z))
+    save_rosinality(tmp_path / "g.pt", model.decoder, None)
+    save_checkpoint(tmp_path / "c.pt", "inversion", model, to_dict(cfg))
+    for path in (tmp_path / "g.pt", tmp_path / "c.pt"):
+        torch.testing.assert_close(generator_for(cfg, str(path)).mapping(z), expected)
+    torch.save({"something": torch.zeros(1)}, tmp_path / "x.pt")
+    with pytest.raises(WeightsError, match="neither a rosinality"):
+        generator_for(cfg, str(tmp_path / "x.pt"))
