@@ -129,7 +129,7 @@ class EditModel:
         import torch
 
         inv = self.inverter
-        t = {k: torch.from_numpy(np.asarray(v, np.float32))[None] for k, v in latents.items()}
+        t = {k: torch.from_numpy(np.array(v, np.float32))[None] for k, v in latents.items()}  # a writable copy
         inversion = inv.latents_to_inversion(t["w"], t["w_plus"], t["f"], t.get("deltas"))
         return {"image": inv.edit(inversion, edits)[0].cpu(), "reconstruction": inversion.image[0].cpu()}
 

@@ -183,10 +183,15 @@ def test_upload_invert_and_edit_with_a_slider(page, app_url: str, tmp_path: Path
     assert logs.console == [] and logs.page_errors == []
 
 
-def test_non_image_upload_shows_the_api_error(page) -> None:
+def test_non_image_dropped_shows_the_api_error(page) -> None:
     page, logs = page
+    dropped = page.evaluate_handle("""() => {
+        const dt = new DataTransfer();
+        dt.items.add(new File(["not a photo"], "notes.txt", {type: "text/plain"}));
+        return dt;
+    }""")
     with page.expect_response(lambda r: "/v1/invert" in r.url) as answer:
-        page.set_input_files("#file", {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a photo"})
+        page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})  # the drag-and-drop path
     assert answer.value.status == 415
     message = answer.value.json()["error"]
     page.wait_for_function("document.getElementById('error').textContent.length > 0")
@@ -197,3 +202,20 @@ def test_non_image_upload_shows_the_api_error(page) -> None:
     assert page.locator("#download").get_attribute("href") is None
     assert logs.page_errors == []
     assert [m for m in logs.console if not FAILED_RESOURCE.match(m)] == []
+
+
+def test_api_key_is_stored_and_sent(page) -> None:
+    page, logs = page
+    page.click("summary")
+    page.fill("#api-key", "s3cret")
+    with page.expect_request(lambda r: r.url.endswith("/v1/directions")) as sent:
+        page.click("#api-key-save")
+    assert sent.value.headers.get("x-api-key") == "s3cret"
+    page.reload()
+    assert page.input_value("#api-key") == "s3cret"  # kept in localStorage across visits
+    page.click("summary")
+    page.fill("#api-key", "")
+    with page.expect_request(lambda r: r.url.endswith("/v1/directions")) as sent:
+        page.click("#api-key-save")
+    assert "x-api-key" not in sent.value.headers
+    assert logs.console == [] and logs.page_errors == []
