@@ -70,7 +70,12 @@ def test_ray_job_submit_trains_and_checkpoints(head, tmp_path):
            "stage=contrastive", "--config", str(ROOT / "configs" / "tiny.yaml"), "--run-name", "submitted",
            f"train.storage_path={tmp_path / 'runs'}", f"data.pairs=[{tmp_path / 'pairs'}]", "data.batch_size=2",
            "train.max_steps=2", "train.checkpoint_every=2", "train.cpus_per_worker=0.5"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    deadline = time.time() + 90
+    while True:  # the job agent starts a little after the dashboard answers
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if "No available agent" not in done.stderr + done.stdout or time.time() > deadline:
+            break
+        time.sleep(2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout.lower()
     assert (tmp_path / "runs" / "submitted" / "checkpoint_000002" / "checkpoint.pt").exists()
