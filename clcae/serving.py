@@ -41,6 +41,14 @@ class ApiError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
+def check_api_key(expected: str | None, given: str | None) -> None:
+    """401 unless no key is configured or the right one was sent (constant-time comparison)."""
+    import hmac
+
+    if expected and not (given and hmac.compare_digest(given.encode(), expected.encode())):
+        raise ApiError(401, f"missing or wrong API key: send it in the {API_KEY_HEADER!r} header")
+
+
 def _inverter(config: dict[str, Any], checkpoint: str | None):
     import torch
 
@@ -160,8 +168,7 @@ class Api:
 
     # ------------------------------------------------------------------------------------ helpers
     def _auth(self, request: Request) -> None:
-        if self.api_key and request.headers.get(API_KEY_HEADER) != self.api_key:
-            raise ApiError(401, f"missing or wrong API key: send it in the {API_KEY_HEADER!r} header")
+        check_api_key(self.api_key, request.headers.get(API_KEY_HEADER))
 
     async def _body(self, request: Request) -> bytes:
         length = request.headers.get("content-length")

@@ -206,3 +206,18 @@ def test_builder_reads_args_as_config_and_overrides():
 
     with pytest.raises(ConfigError, match="serve.max_replicsa"):
         build_app({"serve.max_replicsa": "3"})
+
+
+def test_api_key_is_required_when_configured():
+    from clcae.config import ConfigError
+    from clcae.serving import ApiError, check_api_key
+
+    for given in (None, "", "wrong"):
+        with pytest.raises(ApiError) as err:
+            check_api_key("s3cret", given)
+        assert err.value.status == 401 and "x-api-key" in err.value.message
+    check_api_key("s3cret", "s3cret")
+    check_api_key(None, None)  # no key configured: open, and then...
+    with pytest.raises(ConfigError, match="serve.host"):  # ...only on loopback
+        load_config(ROOT / "configs" / "tiny.yaml", ["serve.host=0.0.0.0"])
+    load_config(ROOT / "configs" / "tiny.yaml", ["serve.host=0.0.0.0", "serve.api_key=s3cret"])
