@@ -35,6 +35,7 @@ ID_NETWORKS = ("arcface", "moco", "none")
 LPIPS_NETS = ("alex", "vgg", "squeeze")
 CONTRASTIVE_OPTIMIZERS = ("adam", "ranger")
 DIRECTION_KINDS = ("interfacegan", "ganspace")
+MODEL_VARIANTS = ("clcae", "psp", "e4e")
 
 
 @dataclass
@@ -62,6 +63,11 @@ class EncoderConfig:
 
 @dataclass
 class ModelConfig:
+    # "clcae" = the paper. "psp" / "e4e" are the baseline encoders of the fidelity study (bench/fidelity.py):
+    # pSp = one map2style block per w+ layer; e4e = w + per-layer deltas (loss.delta_reg regularises them).
+    # Neither has attention, f or L_align: the attention switches and f_ramp_steps do not apply to them, and
+    # use_align must be false.
+    variant: str = "clcae"
     w_attention: bool = True
     f_attention: bool = True
     use_align: bool = True  # False = the paper's "w/o L_align" ablation
@@ -101,6 +107,8 @@ class LossConfig:
     id_backbone: str = "ir_se50"
     feature_reg: float = 0.01
     align: float = 1.0
+    # e4e's delta regulariser: sum over layers i >= 1 of ||w+_i - w+_0||_2, mean over the batch (0 = off)
+    delta_reg: float = 0.0
 
 
 @dataclass
@@ -358,6 +366,10 @@ def _check_encoder(cfg: CLCAEConfig, check: Check) -> None:
 
 def _check_model(cfg: CLCAEConfig, check: Check) -> None:
     m, c = cfg.model, cfg.contrastive
+    check(m.variant in MODEL_VARIANTS, "model.variant", f"must be one of {', '.join(MODEL_VARIANTS)}")
+    if m.variant in ("psp", "e4e"):
+        check(not (m.use_align and cfg.loss.align > 0), "model.use_align",
+              f"the {m.variant} baseline has no L_align (it trains on G(w+) alone): set model.use_align=false")
     check(m.attention_heads >= 1, "model.attention_heads", "must be >= 1")
     check(m.attention_ffn >= 1, "model.attention_ffn", "must be >= 1")
     check(0 <= m.attention_dropout < 1, "model.attention_dropout", "must be in [0, 1)")
@@ -382,7 +394,7 @@ def _check_model(cfg: CLCAEConfig, check: Check) -> None:
 
 def _check_losses_and_optim(cfg: CLCAEConfig, check: Check) -> None:
     loss, o = cfg.loss, cfg.optim
-    for name in ("l2", "lpips", "id", "feature_reg", "align"):
+    for name in ("l2", "lpips", "id", "feature_reg", "align", "delta_reg"):
         check(getattr(loss, name) >= 0, f"loss.{name}", "loss weights must be >= 0")
     check(loss.lpips_net in LPIPS_NETS, "loss.lpips_net", f"must be one of {', '.join(LPIPS_NETS)}")
     check(loss.id_network in ID_NETWORKS, "loss.id_network", f"must be one of {', '.join(ID_NETWORKS)}")

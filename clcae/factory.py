@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from clcae.config import CLCAEConfig, n_latent
 from clcae.models.clcae import CLCAE
 from clcae.models.contrastive import ContrastiveAligner, ImageEncoder, LatentEncoder
-from clcae.models.encoder import CLCAEEncoder
+from clcae.models.encoder import CLCAEEncoder, PSPEncoder
 from clcae.models.stylegan2 import Generator
 
 log = logging.getLogger(__name__)
@@ -31,13 +31,19 @@ def build_generator(cfg: CLCAEConfig, load: bool = True) -> tuple[Generator, tor
     return gen, gen.mean_latent(min(g.mean_latent_samples, 10_000), seed=g.init_seed)[0]
 
 
-def build_encoder(cfg: CLCAEConfig, feature_channels: int) -> CLCAEEncoder:
+def build_encoder(cfg: CLCAEConfig, feature_channels: int) -> CLCAEEncoder | PSPEncoder:
+    """The encoder of ``model.variant``: CLCAE (the paper), or the pSp / e4e baselines of the fidelity study."""
     m = cfg.model
+    common = dict(backbone=cfg.encoder.backbone, input_size=tuple(cfg.encoder.input_size),
+                  style_dim=cfg.generator.style_dim, n_latent=n_latent(cfg))
+    if m.variant == "psp":
+        return PSPEncoder(**common)
+    if m.variant == "e4e":  # w + per-layer deltas: CLCAE's encoder without W+ attention and without f
+        return CLCAEEncoder(**common, feature_channels=feature_channels, w_attention=False, f_attention=False,
+                            feature=False)
     return CLCAEEncoder(
-        backbone=cfg.encoder.backbone, input_size=tuple(cfg.encoder.input_size), style_dim=cfg.generator.style_dim,
-        n_latent=n_latent(cfg), feature_channels=feature_channels, w_attention=m.w_attention,
-        f_attention=m.f_attention, heads=m.attention_heads, ffn=m.attention_ffn, dropout=m.attention_dropout,
-        tokens=m.attention_tokens,
+        **common, feature_channels=feature_channels, w_attention=m.w_attention, f_attention=m.f_attention,
+        heads=m.attention_heads, ffn=m.attention_ffn, dropout=m.attention_dropout, tokens=m.attention_tokens,
     )
 
 

@@ -215,12 +215,23 @@ def feature_reg_loss(f: Tensor, g5: Tensor) -> Tensor:
     return F.mse_loss(f, g5.detach())
 
 
+def delta_reg_loss(w_plus: Tensor) -> Tensor:
+    """e4e's delta regulariser: sum over layers i >= 1 of ||w+_i - w+_0||_2, averaged over the batch (e4e's
+    ``delta_norm=2``). For e4e w+_0 is w, so this is the norm of its per-layer deltas."""
+    if w_plus.ndim != 3:
+        raise ValueError(f"w+ must have shape (B, N, D), got {tuple(w_plus.shape)}")
+    return (w_plus[:, 1:] - w_plus[:, :1]).norm(dim=-1).sum(dim=1).mean()
+
+
 # (log-name suffix, attribute of the model output)
 RECONSTRUCTIONS = (("w", "image_w"), ("w_plus", "image_w_plus"), ("f", "image_f"))
-WEIGHT_NAMES = ("l2", "lpips", "id", "feature_reg", "align")
+WEIGHT_NAMES = ("l2", "lpips", "id", "feature_reg", "align", "delta_reg")
+OPTIONAL_WEIGHTS = {"delta_reg": 0.0}  # a config without the field gets this weight
 
 
 def _cfg(cfg: Any, name: str) -> Any:
+    if name in OPTIONAL_WEIGHTS:
+        return getattr(cfg, name, OPTIONAL_WEIGHTS[name])
     if not hasattr(cfg, name):
         raise ValueError(f"loss config {type(cfg).__name__} has no field {name!r}")
     return getattr(cfg, name)
@@ -252,7 +263,7 @@ def match_size(rec: Tensor, x: Tensor, name: str) -> Tensor:
 class InversionCriterion(nn.Module):
     """The weighted total of paper Eq. 7-10 for one batch.
 
-    ``cfg`` is duck-typed: weights ``l2, lpips, id, feature_reg, align`` and ``lpips_net``,
+    ``cfg`` is duck-typed: weights ``l2, lpips, id, feature_reg, align`` (optional ``delta_reg``) and ``lpips_net``,
     ``lpips_pretrained``, ``id_network`` ("arcface" | "moco" | "none"), ``id_weights``, optional
     ``id_backbone``. Terms with weight 0 (or ``id_network="none"``) are not built or computed.
     ``align(images, w) -> scalar`` is the frozen contrastive module (required when ``cfg.align > 0``);
@@ -329,6 +340,9 @@ class InversionCriterion(nn.Module):
             if g5 is None:
                 raise ValueError("the model output has f but no g5: the feature regulariser needs G5(w+)")
             terms["feature_reg"] = feature_reg_loss(f, g5)
+
+        if w["delta_reg"] > 0 and getattr(out, "w_plus", None) is not None:
+            terms["delta_reg"] = delta_reg_loss(out.w_plus)
 
         if self.align is not None:
             value = self.align(x, out.w)

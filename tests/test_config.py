@@ -165,6 +165,9 @@ def test_wrong_type_names_key_value_and_type(override, key, expected):
         ("ffhq", "loss.id_network=vgg", "loss.id_network", "arcface, moco, none"),
         ("ffhq", "contrastive.optimizer=sgd", "contrastive.optimizer", "adam, ranger"),
         ("ffhq", "model.attention_tokens=0", "model.attention_tokens", ">= 1"),
+        ("tiny", "model.variant=restyle", "model.variant", "clcae, psp, e4e"),
+        ("tiny", "model.variant=psp", "model.use_align", "set model.use_align=false"),
+        ("tiny", "loss.delta_reg=-1", "loss.delta_reg", ">= 0"),
         ("ffhq", "model.attention_dropout=1.0", "model.attention_dropout", "[0, 1)"),
         ("ffhq", "train.num_workers=0", "train.num_workers", ">= 1"),
         ("ffhq", "device=gpu", "device", "cuda"),
@@ -312,3 +315,10 @@ def test_validate_rejects_hand_built_config_with_wrong_type():
     cfg = CLCAEConfig(loss=LossConfig(lpips="high"))
     with pytest.raises(ConfigError, match="loss.lpips"):
         validate(cfg)
+
+
+def test_baseline_variants_load_without_l_align():
+    cfg = load("tiny", "model.variant=e4e", "model.use_align=false", "loss.delta_reg=0.01")
+    assert (cfg.model.variant, cfg.loss.delta_reg) == ("e4e", 0.01)
+    assert load("tiny").model.variant == "clcae" and load("tiny").loss.delta_reg == 0.0
+    assert load("tiny", "model.variant=psp", "loss.align=0").model.variant == "psp"  # L_align off by weight

@@ -1,7 +1,8 @@
 """The CLCAE inversion network: encoder (w, W+ and F cross-attention) + frozen StyleGAN2 generator.
 
 Outputs for an input image x: w (B, D), w+ (B, N, D), f (B, C, 16, 16) and the reconstructions G(w),
-G(w+), G(w+, f), pooled to the input resolution.  The three reconstructions share the generator prefix up to
+G(w+), G(w+, f), pooled to the input resolution.  With a baseline encoder (pSp, e4e: no F branch) f is None
+and there is no G(w+, f).  The three reconstructions share the generator prefix up to
 ``convs.3``: it runs once for w and w+ together, and the suffix runs once on the stacked features.
 
 State-dict layout equals the authors' ``AFPSP`` (``encoder.*`` + ``decoder.*``) plus our ``latent_avg``
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clcae.models.encoder import CLCAEEncoder, EncoderOutput
+from clcae.models.encoder import CLCAEEncoder, EncoderOutput, PSPEncoder
 from clcae.models.stylegan2 import Generator, blend_feature
 
 OUTPUTS = ("w", "w_plus", "f")
@@ -48,7 +49,7 @@ def crop_and_pool(images: torch.Tensor, crop: tuple[int, int, int, int] | None, 
 
 
 class CLCAE(nn.Module):
-    def __init__(self, encoder: CLCAEEncoder, decoder: Generator, latent_avg: torch.Tensor | None = None,
+    def __init__(self, encoder: CLCAEEncoder | PSPEncoder, decoder: Generator, latent_avg: torch.Tensor | None = None,
                  crop: tuple[int, int, int, int] | None = None):
         super().__init__()
         if encoder.n_latent != decoder.n_latent or encoder.style_dim != decoder.style_dim:
@@ -61,6 +62,8 @@ class CLCAE(nn.Module):
             latent_avg = torch.zeros(decoder.style_dim)
         self.register_buffer("latent_avg", latent_avg.detach().reshape(decoder.style_dim).clone())
         self.crop = tuple(crop) if crop is not None else None
+        # what forward() renders by default: every reconstruction this encoder has
+        self.outputs = OUTPUTS if encoder.has_feature else ("w", "w_plus")
 
     def train(self, mode: bool = True) -> CLCAE:
         super().train(mode)
@@ -71,8 +74,8 @@ class CLCAE(nn.Module):
     def to_input_resolution(self, images: torch.Tensor) -> torch.Tensor:
         return crop_and_pool(images, self.crop, self.encoder.input_size)
 
-    def latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, EncoderOutput]:
-        """Absolute w (B, D), w+ (B, N, D), f and the encoder intermediates."""
+    def latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, EncoderOutput]:
+        """Absolute w (B, D), w+ (B, N, D), f (None without an F branch) and the encoder intermediates."""
         w_off, w_plus_off, f, feats = self.encoder(x)
         return self.latent_avg + w_off, self.latent_avg + w_plus_off, f, feats
 
@@ -87,9 +90,11 @@ class CLCAE(nn.Module):
         return self.latent_avg + w_offset, w_plus, f
 
     # ----------------------------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, outputs: Collection[str] = OUTPUTS, f_blend: float = 1.0
+    def forward(self, x: torch.Tensor, outputs: Collection[str] | None = None, f_blend: float = 1.0
                 ) -> InversionOutput:
-        """Encode x and render the requested reconstructions: any of "w", "w_plus", "f" (= G(w+, f))."""
+        """Encode x and render the requested reconstructions: any of "w", "w_plus", "f" (= G(w+, f));
+        None = all that this model has (``self.outputs``)."""
+        outputs = self.outputs if outputs is None else outputs
         unknown = set(outputs) - set(OUTPUTS)
         if unknown:
             raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUTS}")
@@ -118,7 +123,8 @@ class CLCAE(nn.Module):
             parts.append(("w_plus", g5_wp, skip_wp, w_plus))
         if "f" in outputs:
             if f is None:
-                raise ValueError("output 'f' requested without a feature f")
+                raise ValueError("output 'f' (G(w+, f)) requested without a feature f: this model has no F branch "
+                                 "(model.variant psp/e4e); ask for 'w' or 'w_plus'")
             parts.append(("f", blend_feature(g5_wp, f, f_blend), skip_wp, w_plus))
         names = [p[0] for p in parts]
         if not names:

@@ -6,6 +6,9 @@ their checkpoints load onto ours key for key.
 
 Pyramid for a 256x256 input (IR-SE50): T1 = c3 16x16x512, T2 = p2 32x32x512, T3 = p1 64x64x512, where
 ``p2 = up(c3) + latlayer1(c2)`` and ``p1 = up(p2) + latlayer2(c1)`` (bilinear, align_corners=True).
+
+The baselines of the fidelity study share this pyramid: :class:`PSPEncoder` (pSp's GradualStyleEncoder) and
+e4e, which is :class:`CLCAEEncoder` without W+ attention and without the F branch (``feature=False``).
 """
 
 from __future__ import annotations
@@ -135,7 +138,8 @@ class WEncoder(PyramidEncoder):
 @dataclass
 class EncoderOutput:
     w_offset: torch.Tensor       # (B, D): w - latent_avg
-    deltas: torch.Tensor         # (B, N, D): [w_offset, coarse residuals dw+_1..N-1] (the authors' `latents`)
+    # (B, N, D): [w_offset, coarse residuals dw+_1..N-1] (the authors' `latents`); pSp: every layer's offset
+    deltas: torch.Tensor
     t3: torch.Tensor             # (B, C, H/4, W/4)
 
 
@@ -144,14 +148,19 @@ class CLCAEEncoder(WEncoder):
 
     Residual i (1 <= i < N) comes from T1 for i <= 2, from T2 for i <= 6 and from T3 after that, as in the
     authors' code (the pSp coarse/medium/fine split with w in pSp's first slot).
+
+    ``feature=False`` drops the F branch (f is None): with ``w_attention=False`` that is e4e's encoder,
+    w + per-layer deltas read from the same pyramid with the same split.
     """
 
     def __init__(self, backbone: str = "ir_se50", input_size: tuple[int, int] = (256, 256), style_dim: int = 512,
                  n_latent: int = 18, feature_channels: int = 512, w_attention: bool = True,
-                 f_attention: bool = True, heads: int = 4, ffn: int = 1024, dropout: float = 0.1, tokens: int = 1):
+                 f_attention: bool = True, heads: int = 4, ffn: int = 1024, dropout: float = 0.1, tokens: int = 1,
+                 feature: bool = True):
         super().__init__(backbone, input_size, style_dim)
         self.n_latent = n_latent
-        self.w_attention, self.f_attention = w_attention, f_attention
+        self.has_feature = feature
+        self.w_attention, self.f_attention = w_attention, f_attention and feature
         self.coarse_ind, self.middle_ind = 2, 6
         sources = [self.source_of(i) for i in range(n_latent - 1)]
         self.styles_others = nn.ModuleList(
@@ -161,12 +170,13 @@ class CLCAEEncoder(WEncoder):
             self.cross_attention = nn.ModuleList(
                 CrossAttention(style_dim, heads, ffn, dropout, tokens) for _ in range(n_latent)
             )
-        if f_attention:
+        if self.f_attention:
             self.feature_cross_attention = CrossAttention(style_dim, heads, ffn, dropout, tokens)
-        t3_side = max(self.shapes.t3)
-        if t3_side < FEATURE_RES:
-            raise ValueError(f"T3 ({self.shapes.t3}) is smaller than the 16x16 feature f; use a larger input size")
-        self.content_layer = GradualFeatureBlock(self.width, feature_channels, t3_side)
+        if feature:
+            t3_side = max(self.shapes.t3)
+            if t3_side < FEATURE_RES:
+                raise ValueError(f"T3 ({self.shapes.t3}) is smaller than the 16x16 feature f; use a larger input size")
+            self.content_layer = GradualFeatureBlock(self.width, feature_channels, t3_side)
 
     def source_of(self, i: int) -> str:
         return "t1" if i < self.coarse_ind else ("t2" if i < self.middle_ind else "t3")
@@ -189,8 +199,10 @@ class CLCAEEncoder(WEncoder):
         refined = [attn(q, deltas[:, i:i + 1])[:, 0] for i, attn in enumerate(self.cross_attention)]
         return w_off[:, None] + torch.stack(refined, dim=1)
 
-    def feature(self, t3: torch.Tensor, w_off: torch.Tensor) -> torch.Tensor:
-        """f (B, C_G5, 16, 16) = CNN(Attn(Q = T3, K = V = w) + T3) (Eq. 5)."""
+    def feature(self, t3: torch.Tensor, w_off: torch.Tensor) -> torch.Tensor | None:
+        """f (B, C_G5, 16, 16) = CNN(Attn(Q = T3, K = V = w) + T3) (Eq. 5); None without the F branch."""
+        if not self.has_feature:
+            return None
         b, c, h, w = t3.shape
         if self.f_attention:
             tokens = t3.flatten(2).transpose(1, 2)                     # (B, HW, C)
@@ -202,8 +214,48 @@ class CLCAEEncoder(WEncoder):
             t3 = F.pad(t3, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
         return self.content_layer(t3)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, EncoderOutput]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, EncoderOutput]:
         feats = self.features(x)
         w_plus_off = self.w_plus_offset(feats.w_offset, feats.deltas)
         f = self.feature(feats.t3, feats.w_offset)
         return feats.w_offset, w_plus_off, f, feats
+
+
+class PSPEncoder(WEncoder):
+    """pSp's GradualStyleEncoder: one map2style block per w+ layer, no attention, no f (a fidelity baseline).
+
+    pSp's split: styles [0, 3) read T1, [3, 7) read T2, the rest T3; w+ = latent_avg + styles(x). pSp has no
+    single w: we define w = the mean of w+ over layers, and an edit of w moves every layer of w+ by the same
+    amount (pSp's way of applying a W direction). ``styles.0`` reads T1 like :class:`WEncoder`'s w head.
+    """
+
+    coarse_ind, middle_ind = 3, 7
+    has_feature = w_attention = f_attention = False
+
+    def __init__(self, backbone: str = "ir_se50", input_size: tuple[int, int] = (256, 256), style_dim: int = 512,
+                 n_latent: int = 18):
+        super().__init__(backbone, input_size, style_dim)
+        self.n_latent = n_latent
+        self.styles = nn.ModuleList(
+            GradualStyleBlock(self.width, style_dim, getattr(self.shapes, self.source_of(i))) for i in range(n_latent)
+        )
+
+    def source_of(self, i: int) -> str:
+        return "t1" if i < self.coarse_ind else ("t2" if i < self.middle_ind else "t3")
+
+    def features(self, x: torch.Tensor) -> EncoderOutput:
+        t1, t2, t3 = self.pyramid(x)
+        maps = {"t1": t1, "t2": t2, "t3": t3}
+        offsets = torch.stack([block(maps[self.source_of(i)]) for i, block in enumerate(self.styles)], dim=1)
+        return EncoderOutput(offsets.mean(dim=1), offsets, t3)
+
+    def w_plus_offset(self, w_off: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+        """Every layer's offset, shifted by how far ``w_off`` is from their mean (0 unless w was edited)."""
+        return deltas + (w_off - deltas.mean(dim=1))[:, None]
+
+    def feature(self, t3: torch.Tensor, w_off: torch.Tensor) -> None:
+        return None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, EncoderOutput]:
+        feats = self.features(x)
+        return feats.w_offset, feats.deltas, None, feats

@@ -3,7 +3,8 @@ benchmark) drive these; nothing here knows about Ray.
 
 Stage 1 (contrastive): the aligner on (image, w) pairs, symmetric InfoNCE, negatives gathered across workers.
 Stage 2 (inversion): the CLCAE encoder with the generator and the stage-1 module frozen; Ranger (RAdam +
-Lookahead) on the encoder only, the f blend ramping 0 -> 1 once over ``model.f_ramp_steps``.
+Lookahead) on the encoder only, the f blend ramping 0 -> 1 once over ``model.f_ramp_steps``.  The pSp and
+e4e baselines (``model.variant``) train the same way on G(w+) alone, as pSp and e4e do.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from torch import nn
 
 from clcae.config import CLCAEConfig
 from clcae.losses import InversionCriterion
-from clcae.models.clcae import CLCAE
+from clcae.models.clcae import CLCAE, OUTPUTS
 from clcae.models.contrastive import ContrastiveAligner, info_nce
+
+# The reconstructions each variant's losses are summed over: CLCAE's three (Eq. 7), the baselines' G(w+).
+TRAIN_OUTPUTS = {"clcae": OUTPUTS, "psp": ("w_plus",), "e4e": ("w_plus",)}
 
 
 def ranger(params: Iterable[nn.Parameter], cfg: CLCAEConfig, lr: float | None = None) -> torch.optim.Optimizer:
@@ -101,6 +105,7 @@ class InversionStep:
         loss_cfg = cfg.loss if use_align else dataclasses.replace(cfg.loss, align=0.0)
         self.criterion = InversionCriterion(loss_cfg, align=self._align if use_align else None)
         self.optimizer = ranger(model.encoder.parameters(), cfg)
+        self.outputs = TRAIN_OUTPUTS[cfg.model.variant]
 
     def _align(self, images: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return self.aligner.loss(images, w)
@@ -117,16 +122,16 @@ class InversionStep:
 
     @torch.no_grad()
     def samples(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Columns of a sample grid: input | G(w) | G(w+) | G(w+, f)."""
+        """Columns of a sample grid: input | G(w) | G(w+) | G(w+, f) (the last only where the model has f)."""
         self.model.eval()
         out = self.model(images)
         self.model.train()
-        return [images, out.image_w, out.image_w_plus, out.image_f]
+        return [images, *(c for c in (out.image_w, out.image_w_plus, out.image_f) if c is not None)]
 
     def __call__(self, images: torch.Tensor, step: int) -> dict[str, float]:
         self.model.train()
         blend = f_blend(step, self.cfg.model.f_ramp_steps)
-        out = self.net(images, f_blend=blend)
+        out = self.net(images, outputs=self.outputs, f_blend=blend)
         loss, terms = self.criterion(images, out, f_blend=blend)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
