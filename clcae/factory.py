@@ -52,6 +52,9 @@ def build_clcae(cfg: CLCAEConfig, generator: Generator | None = None, latent_avg
     """The inversion network with its generator; the encoder body from ``encoder.pretrained`` if set."""
     if generator is None:
         generator, latent_avg = build_generator(cfg, load=load_pretrained)
+    # The encoder's random init follows cfg.seed (build_generator seeds with generator.init_seed, which
+    # would otherwise fix the encoder too), the same in every process that builds from this config.
+    torch.manual_seed(cfg.seed)
     encoder = build_encoder(cfg, generator.feature_channels)
     if load_pretrained and cfg.encoder.pretrained:
         from clcae.weights import load_irse_into_encoder

@@ -295,3 +295,10 @@ def test_aligner_trains_towards_alignment_and_freezes():
     aligner.freeze()
     assert not aligner.training and not any(p.requires_grad for p in aligner.parameters())
     assert aligner.scale().item() <= cfg.contrastive.max_logit_scale
+
+
+def test_seed_sets_the_encoder_init_and_generator_seed_the_generator():
+    a, b, c = build_clcae(tiny_cfg("seed=1")), build_clcae(tiny_cfg("seed=1")), build_clcae(tiny_cfg("seed=2"))
+    wa, wb, wc = (m.encoder.styles[0].linear.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert torch.equal(a.decoder.input.input, c.decoder.input.input)  # same generator.init_seed
