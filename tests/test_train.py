@@ -100,17 +100,18 @@ def test_killed_driver_then_resubmitted_job_resumes(ray_cluster, pairs, tmp_path
             "data.batch_size=2", "train.cpus_per_worker=0.5", "train.checkpoint_every=2", "train.max_steps=400",
             "train.sample_every=1000"]
     env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    log_file = open(tmp_path / "driver.log", "wb")  # noqa: SIM115 - closed below, after the process is gone
+    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
     first = tmp_path / "runs" / "driver" / "checkpoint_000002"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 240  # a whole Ray cluster starts in the subprocess: generous under load
         while not first.exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
-        assert first.exists(), "the first driver never wrote a checkpoint"
     finally:
         kill_session(proc.pid)  # the driver and the whole local Ray cluster it started
         proc.wait()
+        log_file.close()
+    assert first.exists(), "no checkpoint from the first driver:\n" + (tmp_path / "driver.log").read_text()[-3000:]
     saved = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "runs" / "driver").glob("checkpoint_0*"))
     log = tmp_path / "steps.log"
     cfg = cfg_for(tmp_path, f"data.train=[{pairs}]", "model.use_align=false", "train.checkpoint_every=2",
