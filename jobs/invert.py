@@ -40,16 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     if args.checkpoint:
-        from clcae.inference import merge_overrides
+        from clcae.config import from_dict, to_dict
         from clcae.weights import read_checkpoint
 
-        # the model's own architecture comes from its checkpoint; the job settings from the command line
+        # the model's architecture comes from its checkpoint; the job's settings from the command line
         stored = read_checkpoint(args.checkpoint, kind="inversion")["config"]
-        from clcae.config import from_dict, to_dict
-
         mine = to_dict(cfg)
-        stored.update({k: mine[k] for k in ("infer", "storage", "device")})
-        cfg = from_dict(merge_overrides(stored, []))
+        cfg = from_dict({**stored, **{k: mine[k] for k in ("infer", "storage", "device")}})
     init_ray()
     summary = invert_to_table(cfg, args.input, args.output, args.checkpoint)
     print(json.dumps(summary, indent=2))
