@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clcae.config import CLCAEConfig, from_dict, to_dict
+from clcae.config import CLCAEConfig, from_dict, n_latent, to_dict
 from clcae.data import storage as st
 
 log = logging.getLogger(__name__)
@@ -302,7 +302,7 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, checkpoin
         batch_size=i.batch_size, batch_format="numpy", num_gpus=1 if use_gpu else 0, num_cpus=i.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=i.actors))
     g = cfg.generator
-    n = 2 * int(np.log2(g.size)) - 2
+    n = n_latent(cfg)
     from clcae.models.stylegan2 import channel_table
 
     feature = channel_table(g.channel_multiplier, g.channel_max)[16] * 256 if i.with_f else None

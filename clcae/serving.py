@@ -28,7 +28,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from clcae.config import CLCAEConfig, from_dict
+from clcae.config import CLCAEConfig, from_dict, n_latent
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class Api:
         self.api_key = self.cfg.serve.api_key or os.environ.get("CLCAE_API_KEY") or None
         self.max_body = int(self.cfg.serve.max_body_mb * 2**20)
         g = self.cfg.generator
-        self.shapes = {"w": (g.style_dim,), "w_plus": (2 * int(np.log2(g.size)) - 2, g.style_dim)}
+        self.shapes = {"w": (g.style_dim,), "w_plus": (n_latent(self.cfg), g.style_dim)}
 
     # ------------------------------------------------------------------------------------ helpers
     def _auth(self, request: Request) -> None:
