@@ -102,7 +102,9 @@ def test_killed_driver_then_resubmitted_job_resumes(ray_cluster, pairs, tmp_path
     env = {**os.environ, "RAY_ADDRESS": ""}
     log_file = open(tmp_path / "driver.log", "wb")  # noqa: SIM115 - closed below, after the process is gone
     proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
-    first = tmp_path / "runs" / "driver" / "checkpoint_000002"
+    # wait for the second checkpoint: by then the first is registered in Ray's run snapshot (a directory can
+    # exist a moment before its registration, and a kill in between leaves nothing to resume from)
+    first = tmp_path / "runs" / "driver" / "checkpoint_000004"
     try:
         deadline = time.time() + 240  # a whole Ray cluster starts in the subprocess: generous under load
         while not first.exists() and time.time() < deadline and proc.poll() is None:
