@@ -455,9 +455,9 @@ NOTES = [
     "latent discriminator. pSp has no single w: its W row uses the mean of w+ over layers.",
     "The training images are on-manifold G(w) (8-bit PNG, random horizontal flips as in training); the "
     "off-manifold split is never seen in training.",
-    "Every seed uses a different slice of training data (and Ray Data's order); the encoder's initial weights "
-    "are the same for every seed, because build_generator re-seeds torch's global RNG with "
-    "generator.init_seed before the encoder is built. The spread over seeds is therefore data-order spread.",
+    "Every seed changes the training data (a different slice of generator seeds), Ray Data's order and the "
+    "encoder's initial weights (clcae.factory seeds the encoder with cfg.seed); the generator and the test "
+    "sets are the same for every seed. The spread is over all three.",
     "CLCAE's W+ block ends in a LayerNorm (the authors' layout: w+_i = w + LN3(...)), so w+_i - w starts at "
     "unit scale per dimension, not near 0; compare the latent error of CLCAE_w+ with the w/o W+ attention row.",
     "The random generator drives many pixels past [-1, 1]; the stored images clip them, so even the true w does "
@@ -612,9 +612,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the driver and each Train worker")
     parser.add_argument("--keep-store", action="store_true",
                         help="keep OUT/store (shards, checkpoints: about 0.7 GB per seed) after the run")
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite OUT/results.md from OUT/results.json (with this file's current notes)")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, key=value")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.render:
+        out = Path(args.out or ROOT / "outputs" / ("fidelity_quick" if args.quick else "fidelity")).resolve()
+        result = json.loads((out / "results.json").read_text())
+        result["notes"] = NOTES
+        (out / "results.md").write_text(markdown(result))
+        return 0
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the Ray workers started below
     torch.set_num_threads(args.threads)

@@ -1,10 +1,15 @@
-"""Inference latency: the StyleGAN2 generator, the full CLCAE inversion and the pSp path, in one run.
+"""The speed table: the StyleGAN2 generator, CLCAE's three reconstructions and the pSp path, in one run.
 
-Prints JSON with ms/image for each (generator size, batch) and the ratios the project tracks:
+Prints JSON (and writes markdown with ``--out``/``--md``) with ms/image for each (generator size, batch), FLOPs
+per image, the achieved FLOP/s next to this machine's measured matmul peak, and the ratios the project tracks:
 
 * ``generator``            G.synthesis(w+) alone (no encoder, no pooling).
-* ``clcae_inference``      what a user gets: ``Inverter.invert(x)`` on a preprocessed (B, 3, 256, 256) tensor =
-                           IR-SE50 + FPN + map2style + W+ and F cross-attention (eval mode) + G(w+, f) + pooling.
+* ``clcae_w``              CLCAE inversion to G(w): ``CLCAE.forward(x, outputs=("w",))`` (the whole encoder runs,
+                           one generator pass from the broadcast w, pooling).
+* ``clcae_w_plus``         the same to G(w+): ``CLCAE.forward(x, outputs=("w_plus",))``.
+* ``clcae_inference``      CLCAE to G(w+, f), what a user gets: ``Inverter.invert(x)`` on a preprocessed
+                           (B, 3, 256, 256) tensor = IR-SE50 + FPN + map2style + W+ and F cross-attention (eval
+                           mode) + G(w+, f) + pooling.
 * ``psp``                  pSp's GradualStyleEncoder (the same IR-SE50 + FPN, N map2style blocks split 3/4/rest
                            on c3/p2/p1) + one generator pass G(w+) + pooling, as pSp's ``forward``.
 * ``clcae_train_forward``  ``CLCAE.forward(x)``: the training-style forward with G(w), G(w+) and G(w+, f)
@@ -55,7 +60,15 @@ from clcae.models.stylegan2 import Generator
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "ffhq.yaml"
-CASES = ("generator", "clcae_inference", "psp", "clcae_train_forward")
+CASES = ("generator", "clcae_w", "clcae_w_plus", "clcae_inference", "psp", "clcae_train_forward")
+LABELS = {
+    "generator": "G(w+) alone (generator only)",
+    "clcae_w": "CLCAE -> G(w)",
+    "clcae_w_plus": "CLCAE -> G(w+)",
+    "clcae_inference": "CLCAE -> G(w+, f) (Inverter.invert)",
+    "psp": "pSp -> G(w+)",
+    "clcae_train_forward": "CLCAE.forward: G(w), G(w+), G(w+, f)",
+}
 TARGET_RATIO = 1.3            # issue: full CLCAE inference at most 1.3x the pSp path
 PAPER_SECONDS = {"clcae": 0.080, "psp": 0.028}  # the paper's runtime table (GPU, authors' timing)
 
@@ -128,6 +141,8 @@ def case_functions(inverter: Inverter, psp: PSP, batch: int, device: torch.devic
     w_plus = (model.latent_avg.cpu() + 0.5 * torch.randn(batch, g.n_latent, g.style_dim, generator=gen)).to(device)
     return {
         "generator": lambda: g.synthesis(w_plus),
+        "clcae_w": lambda: model(x, outputs=("w",)),
+        "clcae_w_plus": lambda: model(x, outputs=("w_plus",)),
         "clcae_inference": lambda: inverter.invert(x),
         "psp": lambda: psp(x),
         "clcae_train_forward": lambda: model(x),
@@ -191,6 +206,39 @@ def flop_summary(fns: dict[str, Callable[[], Any]]) -> dict[str, Any]:
     return out
 
 
+def matmul_peak(device: torch.device, n: int | None = None, repeats: int = 5,
+                dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """This machine's measured dense matmul rate (GFLOP/s, best of ``repeats``) in the benchmark's dtype.
+
+    The ceiling that the models' convolutions and matmuls (float32, the same threads) could at best reach; a
+    roofline reference, not a vendor figure.  On CUDA, float32 matmuls use TF32 only when the user enabled it
+    (``torch.backends.cuda.matmul.allow_tf32``), the same setting the models run under.
+    """
+    n = n or (8192 if device.type == "cuda" else 2048)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen, dtype=dtype).to(device)
+    b = torch.randn(n, n, generator=gen, dtype=dtype).to(device)
+    with torch.inference_mode():
+        for _ in range(2):  # warm-up: thread pool, cuBLAS handle and heuristics
+            torch.mm(a, b)
+        best = min(timed(lambda: torch.mm(a, b), device) for _ in range(repeats))
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "repeats": repeats, "best_ms": round(best, 2),
+            "gflops": round(2 * n**3 / (best / 1e3) / 1e9, 1)}
+
+
+def throughput(entry: dict[str, Any], flops: dict[str, Any], peak_gflops: float | None) -> None:
+    """Add achieved GFLOP/s (FLOPs per image over median time per image) and its share of the matmul peak."""
+    per_image = flops.get("gflop_per_image", {})
+    for name, case in entry["cases"].items():
+        if name not in per_image:
+            continue
+        achieved = per_image[name] / (case["ms_per_image_median"] / 1e3)
+        case["gflop_per_image"] = per_image[name]
+        case["achieved_gflops"] = round(achieved, 1)
+        if peak_gflops:
+            case["fraction_of_matmul_peak"] = round(achieved / peak_gflops, 3)
+
+
 def summarise(call_ms: list[float], batch: int) -> dict[str, Any]:
     per_image = [t / batch for t in call_ms]
     return {
@@ -214,6 +262,9 @@ def ratios(times: dict[str, list[float]]) -> dict[str, float]:
         for name in ("clcae_inference", "psp"):
             if name in med:
                 out[f"generator_share_of_{name}"] = round(med["generator"] / med[name], 3)
+    for name in ("clcae_w", "clcae_w_plus"):
+        if name in med and "psp" in med:
+            out[f"{name}_over_psp"] = round(med[name] / med["psp"], 3)
     if "clcae_train_forward" in med and "clcae_inference" in med:
         out["clcae_train_forward_over_clcae_inference"] = round(
             med["clcae_train_forward"] / med["clcae_inference"], 3)
@@ -236,6 +287,12 @@ def machine(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
     }
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        if names:
+            info["cpu_model"] = names[0]
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     if hasattr(os, "getloadavg"):
@@ -266,6 +323,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "results": [],
     }
     start = time.perf_counter()
+    report["matmul_peak"] = matmul_peak(device) if args.peak else None
+    peak = report["matmul_peak"]["gflops"] if report["matmul_peak"] else None
+    if peak:
+        print(f"[bench] matmul peak {peak:.1f} GFLOP/s ({report['matmul_peak']})", file=sys.stderr, flush=True)
     for size in args.sizes:
         cfg = bench_config(args.config, size, args.set)
         inverter, psp = build_models(cfg, device)
@@ -293,6 +354,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if repeats < args.repeats:
                 entry["note"] = (f"repeats reduced from {args.repeats} to {repeats}: {args.repeats} rounds would "
                                  f"exceed the {args.budget_s:g} s budget for the timed rounds of one group")
+            throughput(entry, report["flops"].get(str(size), {}), peak)
             if device.type == "cuda":
                 entry["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             report["results"].append(entry)
@@ -319,6 +381,43 @@ def target_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def to_markdown(report: dict[str, Any]) -> str:
+    """The speed table: one row per (generator size, batch, case), the machine and method underneath."""
+    peak = report.get("matmul_peak")
+    lines = [
+        "| generator | batch | path | ms / image (median) | ms / image (min) | GFLOP / image | achieved GFLOP/s "
+        "| share of matmul peak | x pSp (time) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        psp = r["cases"].get("psp", {}).get("ms_per_image_median")
+        for name, c in r["cases"].items():
+            ratio = f"{c['ms_per_image_median'] / psp:.2f}" if psp and name != "generator" else ""
+            gflop = c.get("gflop_per_image")
+            share = c.get("fraction_of_matmul_peak")
+            lines.append(
+                f"| {r['size']} | {r['batch']} | {LABELS.get(name, name)} | {c['ms_per_image_median']:.1f} "
+                f"| {c['ms_per_image_min']:.1f} | {'' if gflop is None else f'{gflop:.4g}'} "
+                f"| {c.get('achieved_gflops', '')} | {'' if share is None else f'{100 * share:.0f}%'} "
+                f"| {ratio} |")
+    where = report.get("gpu") or report.get("cpu_model") or report.get("processor")
+    notes = [
+        "",
+        f"Machine: {report['device']} ({where}), {report['cpu_count']} CPUs, torch {report['torch']}, "
+        f"{report['threads']} threads; load average at start {report.get('load_average_at_start')}, at end "
+        f"{report.get('load_average_at_end')}.",
+    ]
+    if peak:
+        notes.append(f"Matmul peak: {peak['gflops']} GFLOP/s ({peak['dtype']} {peak['n']}x{peak['n']} torch.mm, "
+                     f"best of {peak['repeats']}). FLOPs per image are counted at batch 1 by torch.utils.flop_counter "
+                     "(matmuls and convolutions).")
+    notes.append(f"Method: {report['method']}. Repeats per group: "
+                 + ", ".join(f"{r['size']}x{r['batch']}: {r['repeats']}" for r in report["results"])
+                 + f". Target CLCAE/pSp <= {TARGET_RATIO} (paper: {PAPER_SECONDS['clcae']} s vs "
+                   f"{PAPER_SECONDS['psp']} s on a V100); met: {report['target']['met']}.")
+    return "\n".join(lines + notes) + "\n"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -336,10 +435,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "repeats (at least 1), stated in the JSON. Default 75, none with --quick; 0 = none")
     p.add_argument("--no-flops", dest="flops", action="store_false",
                    help="skip the FLOP count (one extra batch-1 call per case and size)")
+    p.add_argument("--no-peak", dest="peak", action="store_false", help="skip the matmul peak measurement")
     p.add_argument("--quick", action="store_true", help="size 256, batch 1, 3 repeats")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
-    p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.add_argument("--out", type=Path, help="also write the JSON here, and the markdown table next to it (.md)")
+    p.add_argument("--md", type=Path, help="write the markdown table here (default: --out with suffix .md)")
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.batches, args.repeats = [256], [1], min(args.repeats, 3)
@@ -360,6 +461,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
+    md_path = args.md or (args.out.with_suffix(".md") if args.out is not None else None)
+    if md_path is not None:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(to_markdown(report))
 
 
 if __name__ == "__main__":

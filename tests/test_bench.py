@@ -1,0 +1,109 @@
+"""The benchmark scripts still run and report what their READMEs promise (no timing is asserted).
+
+Benchmarks are not tests; these checks only keep bench/ from rotting: the speed table's columns are
+consistent with each other, and the fidelity study's test splits and tables are what its docstring says.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from clcae.config import load_config
+from clcae.factory import build_clcae
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def speed_table(tmp_path_factory):
+    inference = load_bench("inference")
+    out = tmp_path_factory.mktemp("speed") / "speed.json"
+    inference.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--sizes", "64", "--batches", "1", "2",
+                    "--repeats", "1", "--out", str(out)])
+    return inference, json.loads(out.read_text()), out.with_suffix(".md").read_text()
+
+
+def test_speed_table_reports_every_path_with_flops_and_throughput(speed_table):
+    inference, report, md = speed_table
+    assert report["matmul_peak"]["gflops"] > 0
+    assert [(r["size"], r["batch"]) for r in report["results"]] == [(64, 1), (64, 2)]
+    flops = report["flops"]["64"]["gflop_per_image"]
+    # CLCAE's three paths share the encoder; G(w+, f) skips nothing of G(w+) (f replaces G5, the prefix still
+    # runs for the skip), so its count is at least G(w+)'s, and every inversion costs more than G alone.
+    assert flops["clcae_inference"] >= flops["clcae_w_plus"] > flops["generator"]
+    assert flops["psp"] > flops["generator"]
+    for r in report["results"]:
+        expected = {"generator", "clcae_w", "clcae_w_plus", "clcae_inference", "psp"}
+        assert expected <= set(r["cases"])
+        assert ("clcae_train_forward" in r["cases"]) == (r["batch"] == 1)  # default --train-forward-batches 1
+        for case in r["cases"].values():
+            # achieved FLOP/s is the per-image count over the per-image median time, in the peak's units
+            rate = case["gflop_per_image"] / (case["ms_per_image_median"] / 1e3)
+            assert case["achieved_gflops"] == pytest.approx(rate, rel=0.01, abs=0.1)
+            assert case["fraction_of_matmul_peak"] == pytest.approx(
+                case["achieved_gflops"] / report["matmul_peak"]["gflops"], abs=1e-3)
+    for label in inference.LABELS.values():
+        assert label in md
+    assert "Matmul peak" in md and md.count("\n| 64 |") == 6 + 5
+
+
+def test_speed_table_rejects_too_few_warmup_calls():
+    inference = load_bench("inference")
+    with pytest.raises(SystemExit):
+        inference.parse_args(["--warmup", "1"])
+
+
+@pytest.fixture(scope="module")
+def fidelity():
+    return load_bench("fidelity")
+
+
+def test_fidelity_splits_are_on_and_off_the_generator_manifold(fidelity):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    model = build_clcae(cfg, load_pretrained=False).eval()
+    s = fidelity.Settings(**{**fidelity.QUICK, "n_test": 6})
+    splits = fidelity.make_splits(model, s)
+    on, off = splits["on_manifold"], splits["off_manifold"]
+    g = model.decoder
+    assert on.images.shape == off.images.shape == (6, 3, *cfg.encoder.input_size)
+    # on-manifold: the 8-bit image of G(w) for the stored w, which is the w+ truth broadcast
+    assert torch.equal(on.w_plus, g.broadcast(on.w))
+    assert torch.equal(on.images, fidelity.quantise(fidelity.render(model, on.w_plus)))
+    # off-manifold: every image mixes two codes across layers (never a single w), then blur and noise
+    assert off.w is None
+    distinct = [len(torch.unique(off.w_plus[i], dim=0)) for i in range(6)]
+    assert min(distinct) == 2
+    clean = fidelity.quantise(fidelity.render(model, off.w_plus))
+    assert (off.images - clean).abs().mean() > 0.01
+    # the test sets never move with the study seed
+    again = fidelity.make_splits(model, s)
+    assert torch.equal(again["off_manifold"].images, off.images)
+
+
+def test_fidelity_tables_aggregate_seeds_and_show_missing_cells(fidelity):
+    def cell(v):
+        return {"psnr": v, "ssim": 0.5, "lpips": 0.2, "latent_error": 0.3, "edit_psnr": None}
+
+    per_seed = {sd: {"clcae": {"f": {"on_manifold": cell(20.0 + sd), "off_manifold": cell(18.0)}}} for sd in (0, 1, 2)}
+    agg = fidelity.aggregate(per_seed)
+    psnr = agg["clcae"]["f"]["on_manifold"]["psnr"]
+    assert psnr["mean"] == pytest.approx(21.0) and psnr["std"] == pytest.approx(1.0) and psnr["n"] == 3
+    assert agg["clcae"]["f"]["on_manifold"]["edit_psnr"] is None
+    text = fidelity.table([("CLCAE", "clcae", "f"), ("pSp", "psp", "w_plus")], agg, ("psnr", "edit_psnr"))
+    rows = text.splitlines()
+    assert rows[2].startswith("| CLCAE | 21.00 ± 1.00 | n/a | 18.00 ± 0.00 | n/a |")
+    assert rows[3] == "| pSp | n/a | n/a | n/a | n/a |"
