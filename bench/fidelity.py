@@ -126,6 +126,7 @@ class Settings:
     eval_batch: int = 32
     threads: int = 1
     overrides: list[str] = field(default_factory=list)
+    runs: list[str] = field(default_factory=lambda: list(RUNS))  # a subset: the other rows read n/a
 
 
 # Quick: a smoke run of the whole pipeline (its models are barely trained). Default: sized from a quick run's
@@ -335,7 +336,8 @@ def train_seed(s: Settings, store: Path, seed: int, timings: dict) -> dict[str, 
     runs["stage1"] = {"seconds": round(time.perf_counter() - t, 1), "steps": s.stage1_steps,
                       "step_s": step_seconds(r1, s.stage1_batch), "metrics": _plain(r1.metrics)}
     stage1_dir = store / "runs" / s1_name
-    for name, overrides in RUNS.items():
+    for name in s.runs:
+        overrides = RUNS[name]
         extra = [f"data.train=[{data / 'train'}]", f"contrastive.checkpoint={stage1_dir}",
                  *budget(s.stage2_steps, s.batch), *overrides]
         cfg2 = study_config(s, store, seed, extra)
@@ -402,7 +404,9 @@ def markdown(result: dict) -> str:
         f"Seeds {s['seeds']} ({spread}). Equal budget for every stage-2 run: {s['stage2_steps']} steps x batch "
         f"{s['batch']} ({s['n_train']} training images per seed); stage 1 once per seed: {s['stage1_steps']} steps x "
         f"batch {s['stage1_batch']} on {s['n_pairs']} pairs. Test: {s['n_test']} images per split, the same for "
-        f"every seed. Edits: {s['n_directions']} random unit directions x strengths {s['strengths']}.",
+        f"every seed. Edits: {s['n_directions']} random unit directions x strengths {s['strengths']}."
+        + ("" if set(s.get("runs", RUNS)) == set(RUNS) else
+           f" Runs trained here: {s['runs']} (--runs); the other rows read n/a."),
         "",
         "Generator: configs/tiny.yaml's seeded random 64 px StyleGAN2 (style_dim 64, 10 w+ layers) "
         + (f"with overrides {s['overrides']}" if s["overrides"] else "unchanged") + ". "
@@ -507,7 +511,7 @@ def run(s: Settings, out: Path, quick: bool) -> dict:
         timings[f"seed{seed}/training_s"] = round(time.perf_counter() - t, 1)
         t, cpu = time.perf_counter(), time.process_time()
         scores: dict = {}
-        for name in RUNS:
+        for name in s.runs:
             model, inverter = load_run(training[seed][name]["checkpoint"], directions)
             for split, sp in splits.items():
                 inv = invert_split(model, inverter, sp, dirs, names, s.strengths, s.eval_batch)
@@ -548,7 +552,7 @@ def run(s: Settings, out: Path, quick: bool) -> dict:
 def _headline(scores: dict) -> dict:
     """PSNR per table row and split: the one-line summary printed at the end."""
     return {label: {split: round(scores[run][output][split]["psnr"], 2) for split in SPLITS}
-            for label, run, output in TABLE1 + TABLE2 + REFERENCES}
+            for label, run, output in TABLE1 + TABLE2 + REFERENCES if output in scores.get(run, {})}
 
 
 def estimate(s: Settings, timings: dict, training: dict) -> dict:
@@ -560,11 +564,16 @@ def estimate(s: Settings, timings: dict, training: dict) -> dict:
     multiplies by the share of a core the driver got while evaluating (single-threaded CPU work: process CPU
     time / wall time), i.e. it assumes the other processes slowed training as much as evaluation.
     """
-    full = Settings(**FULL, threads=s.threads, overrides=s.overrides)
+    full = Settings(**FULL, threads=s.threads, overrides=s.overrides)  # every run
     seed = next(iter(training))
     runs = training[seed]
-    per_step2 = [runs[name]["step_s"] or math.nan for name in RUNS]
-    fixed = [runs[name]["seconds"] - s.stage2_steps * step_s for name, step_s in zip(RUNS, per_step2)]
+    # Runs left out of this one (--runs) are costed as the mean of those of the same kind that ran.
+    measured = {name: runs[name]["step_s"] or math.nan for name in s.runs}
+    clcae_like = [v for n, v in measured.items() if n not in ("psp", "e4e")] or list(measured.values())
+    plain = [v for n, v in measured.items() if n in ("psp", "e4e")] or list(measured.values())
+    per_step2 = [measured.get(n, statistics.fmean(plain if n in ("psp", "e4e") else clcae_like)) for n in RUNS]
+    fixed_seen = [runs[n]["seconds"] - s.stage2_steps * measured[n] for n in s.runs]
+    fixed = [statistics.fmean(fixed_seen)] * len(RUNS)
     step1 = runs["stage1"]["step_s"] or math.nan
     fixed1 = runs["stage1"]["seconds"] - s.stage1_steps * step1
 
@@ -572,7 +581,7 @@ def estimate(s: Settings, timings: dict, training: dict) -> dict:
         return x.n_test * (1 + x.n_directions * len(x.strengths))
 
     synth = timings[f"seed{seed}/synthesis_s"] * (full.n_pairs + full.n_train) / (s.n_pairs + s.n_train)
-    evaluation = timings[f"seed{seed}/evaluation_s"] * eval_units(full) / eval_units(s)
+    evaluation = timings[f"seed{seed}/evaluation_s"] * eval_units(full) / eval_units(s) * len(RUNS) / len(s.runs)
     per_seed = (synth + fixed1 + full.stage1_steps * step1 + sum(fixed)
                 + full.stage2_steps * sum(per_step2) + evaluation)
     startup = timings["startup_s"] + timings["test_data_s"] * eval_units(full) / eval_units(s)
@@ -609,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage2-steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None, help="stage-2 batch size (every run)")
     parser.add_argument("--n-test", type=int, default=None, help="test images per split")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=None,
+                        help="train and evaluate only these stage-2 runs (default: all); other rows read n/a")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the driver and each Train worker")
     parser.add_argument("--keep-store", action="store_true",
                         help="keep OUT/store (shards, checkpoints: about 0.7 GB per seed) after the run")
@@ -630,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("seeds", "stage1_steps", "stage2_steps", "batch", "n_test"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
-    s = Settings(**preset, threads=args.threads, overrides=list(args.overrides))
+    s = Settings(**preset, threads=args.threads, overrides=list(args.overrides), runs=args.runs or list(RUNS))
     out = Path(args.out or ROOT / "outputs" / ("fidelity_quick" if args.quick else "fidelity")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     result = run(s, out, args.quick)
