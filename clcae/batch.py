@@ -1,8 +1,9 @@
 """Bulk inversion on Ray Data: image shards or folders -> a Parquet latent table + an errors table.
 
     read (shards: key + image bytes; folders: file bytes)
-      -> decode + validate          CPU tasks; a bad image becomes a row with an ``error``, never an exception
+      -> decode + validate          a bad image becomes a row with an ``error``, never an exception
       -> invert                     actor pool, the library's Inverter loaded once per actor (GPU when set)
+                                    (Ray Data fuses reading and decoding into the actor stage: one hop per batch)
       -> LatentTableSink            one write per ~``infer.rows_per_file`` rows: latents/part-*.parquet and
                                     errors/part-*.parquet, each file written atomically
 
