@@ -62,6 +62,7 @@ import torch  # noqa: E402
 from torchvision.transforms.functional import gaussian_blur  # noqa: E402
 
 from clcae.config import CLCAEConfig, DirectionConfig, from_dict, load_config  # noqa: E402
+from clcae.data.synthesis import seed_z  # noqa: E402
 from clcae.editing import save_interfacegan  # noqa: E402
 from clcae.factory import build_clcae, build_generator  # noqa: E402
 from clcae.inference import Inverter, directions_from_config  # noqa: E402
@@ -159,9 +160,8 @@ def quantise(images: torch.Tensor) -> torch.Tensor:
 
 
 def w_of_seeds(generator, seeds: range) -> torch.Tensor:
-    """w for each seed exactly as ``synthesize`` draws it: z ~ N(0, I) from torch.Generator().manual_seed(s)."""
-    z = torch.stack([torch.randn(generator.style_dim, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    return generator.mapping(z)
+    """w for each seed exactly as ``synthesize`` draws it (``seed_z``)."""
+    return generator.mapping(seed_z(seeds, generator.style_dim))
 
 
 def render(model: CLCAE, w_plus: torch.Tensor, chunk: int = 32) -> torch.Tensor:
@@ -642,8 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, key=value")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(args.out or ROOT / "outputs" / ("fidelity_quick" if args.quick else "fidelity")).resolve()
     if args.render:
-        out = Path(args.out or ROOT / "outputs" / ("fidelity_quick" if args.quick else "fidelity")).resolve()
         result = json.loads((out / "results.json").read_text())
         result["notes"] = NOTES
         (out / "results.md").write_text(markdown(result))
@@ -656,7 +656,6 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
     s = Settings(**preset, threads=args.threads, overrides=list(args.overrides), runs=args.runs or list(RUNS))
-    out = Path(args.out or ROOT / "outputs" / ("fidelity_quick" if args.quick else "fidelity")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     result = run(s, out, args.quick)
     (out / "results.json").write_text(json.dumps(finite(result), indent=2))

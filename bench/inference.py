@@ -17,8 +17,8 @@ per image, the achieved FLOP/s next to this machine's measured matmul peak, and 
 
 All weights are random at the official sizes (IR-SE50, 256x256 input, style_dim 512, the official channel
 table): nothing is read from disk or downloaded.  The models come from ``load_config`` + ``build_clcae``, the
-code path users run.  The pSp encoder is built here from the library's ``PyramidEncoder`` and
-``GradualStyleBlock`` and shares the CLCAE model's generator, so both paths render with the same weights.
+code path users run.  The pSp path is ``clcae.models.encoder.PSPEncoder`` (the fidelity study's pSp baseline)
+on the CLCAE model's generator, so both paths render with the same weights.
 
 Timing: ``torch.inference_mode``, warm-up calls per case, then ``repeats`` rounds in which every case runs once
 (the order rotates each round, so load from other processes hits all cases alike); wall clock by
@@ -48,14 +48,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from clcae.config import CLCAEConfig, load_config
 from clcae.factory import build_clcae
 from clcae.inference import Inverter, pick_device
 from clcae.models.clcae import CLCAE
-from clcae.models.encoder import GradualStyleBlock, PyramidEncoder
+from clcae.models.encoder import PSPEncoder
 from clcae.models.stylegan2 import Generator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,46 +72,6 @@ TARGET_RATIO = 1.3            # issue: full CLCAE inference at most 1.3x the pSp
 PAPER_SECONDS = {"clcae": 0.080, "psp": 0.028}  # the paper's runtime table (GPU, authors' timing)
 
 
-class PSPEncoder(PyramidEncoder):
-    """pSp's GradualStyleEncoder: IR-SE + FPN, one map2style block per w+ layer.
-
-    pSp's split: styles [0, 3) read c3 (16x16), [3, 7) read p2 (32x32), the rest p1 (64x64).  Outputs
-    (B, N, D) offsets from latent_avg (pSp's ``start_from_latent_avg``).
-    """
-
-    coarse_ind, middle_ind = 3, 7
-
-    def __init__(self, n_styles: int, backbone: str = "ir_se50", input_size: tuple[int, int] = (256, 256),
-                 style_dim: int = 512):
-        super().__init__(backbone, input_size, width=style_dim)
-        self.n_styles, self.style_dim = n_styles, style_dim
-        self.styles = nn.ModuleList(
-            GradualStyleBlock(self.width, style_dim, getattr(self.shapes, self.source_of(i))) for i in range(n_styles)
-        )
-
-    def source_of(self, i: int) -> str:
-        return "t1" if i < self.coarse_ind else ("t2" if i < self.middle_ind else "t3")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t1, t2, t3 = self.pyramid(x)
-        maps = {"t1": t1, "t2": t2, "t3": t3}
-        return torch.stack([block(maps[self.source_of(i)]) for i, block in enumerate(self.styles)], dim=1)
-
-
-class PSP(nn.Module):
-    """pSp inference: codes = encoder(x) + latent_avg, image = face_pool(G(codes)).  Reuses CLCAE's generator."""
-
-    def __init__(self, encoder: PSPEncoder, model: CLCAE):
-        super().__init__()
-        self.encoder = encoder
-        self.model = model  # decoder, latent_avg and the pooling to the input size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        w_plus = m.latent_avg + self.encoder(x)
-        return m.to_input_resolution(m.decoder.synthesis(w_plus))
-
-
 # ---------------------------------------------------------------------------------------------- models
 def bench_config(config: Path, size: int, extra: Sequence[str] = ()) -> CLCAEConfig:
     """The user config at ``size`` with random weights: no generator checkpoint, no IR-SE50 init."""
@@ -120,18 +79,19 @@ def bench_config(config: Path, size: int, extra: Sequence[str] = ()) -> CLCAECon
     return load_config(config, overrides)
 
 
-def build_models(cfg: CLCAEConfig, device: torch.device, seed: int = 0) -> tuple[Inverter, PSP]:
+def build_models(cfg: CLCAEConfig, device: torch.device, seed: int = 0) -> tuple[Inverter, CLCAE]:
     torch.manual_seed(seed)
     model = build_clcae(cfg, load_pretrained=False)
     inverter = Inverter(model, device=str(device), model_id=f"bench:{cfg.name}:{cfg.generator.size}")
     torch.manual_seed(seed + 1)
-    g = model.decoder
-    enc = PSPEncoder(g.n_latent, cfg.encoder.backbone, tuple(cfg.encoder.input_size), g.style_dim)
-    psp = PSP(enc, inverter.model).to(device).eval().requires_grad_(False)
+    m, g = inverter.model, inverter.model.decoder
+    enc = PSPEncoder(cfg.encoder.backbone, tuple(cfg.encoder.input_size), g.style_dim, g.n_latent)
+    # Same generator module, latent_avg and crop: both paths render with the same weights.
+    psp = CLCAE(enc, g, m.latent_avg, m.crop).to(device).eval().requires_grad_(False)
     return inverter, psp
 
 
-def case_functions(inverter: Inverter, psp: PSP, batch: int, device: torch.device
+def case_functions(inverter: Inverter, psp: CLCAE, batch: int, device: torch.device
                    ) -> dict[str, Callable[[], Any]]:
     model = inverter.model
     g: Generator = model.decoder
@@ -144,7 +104,7 @@ def case_functions(inverter: Inverter, psp: PSP, batch: int, device: torch.devic
         "clcae_w": lambda: model(x, outputs=("w",)),
         "clcae_w_plus": lambda: model(x, outputs=("w_plus",)),
         "clcae_inference": lambda: inverter.invert(x),
-        "psp": lambda: psp(x),
+        "psp": lambda: psp(x, outputs=("w_plus",)),
         "clcae_train_forward": lambda: model(x),
     }
 
@@ -324,9 +284,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     start = time.perf_counter()
     report["matmul_peak"] = matmul_peak(device) if args.peak else None
-    peak = report["matmul_peak"]["gflops"] if report["matmul_peak"] else None
-    if peak:
-        print(f"[bench] matmul peak {peak:.1f} GFLOP/s ({report['matmul_peak']})", file=sys.stderr, flush=True)
+    if report["matmul_peak"]:
+        print(f"[bench] matmul peak {report['matmul_peak']}", file=sys.stderr, flush=True)
     for size in args.sizes:
         cfg = bench_config(args.config, size, args.set)
         inverter, psp = build_models(cfg, device)
@@ -354,7 +313,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if repeats < args.repeats:
                 entry["note"] = (f"repeats reduced from {args.repeats} to {repeats}: {args.repeats} rounds would "
                                  f"exceed the {args.budget_s:g} s budget for the timed rounds of one group")
-            throughput(entry, report["flops"].get(str(size), {}), peak)
             if device.type == "cuda":
                 entry["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             report["results"].append(entry)
@@ -369,8 +327,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         first = report["matmul_peak"]
         report["matmul_peak"] = {**(end if end["gflops"] > first["gflops"] else first),
                                  "gflops_at_start": first["gflops"], "gflops_at_end": end["gflops"]}
-        for entry in report["results"]:
-            throughput(entry, report["flops"].get(str(entry["size"]), {}), report["matmul_peak"]["gflops"])
+    for entry in report["results"]:
+        peak = report["matmul_peak"]["gflops"] if report["matmul_peak"] else None
+        throughput(entry, report["flops"].get(str(entry["size"]), {}), peak)
     report["total_wall_s"] = round(time.perf_counter() - start, 1)
     if hasattr(os, "getloadavg"):
         report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]

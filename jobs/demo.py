@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clcae.config import DirectionConfig, load_config  # noqa: E402
 from clcae.data.images import encode_png, image_grid, tensor_to_pil  # noqa: E402
+from clcae.data.synthesis import seed_z  # noqa: E402
 from clcae.editing import GANSpacePCA, save_ganspace, save_interfacegan  # noqa: E402
 from clcae.factory import build_generator  # noqa: E402
 from clcae.models.clcae import crop_and_pool  # noqa: E402
@@ -39,7 +40,7 @@ log = logging.getLogger("demo")
 
 @torch.no_grad()
 def render(generator, cfg, seeds: range) -> torch.Tensor:
-    z = torch.stack([torch.randn(generator.style_dim, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    z = seed_z(seeds, generator.style_dim)
     crop = tuple(cfg.generator.crop) if cfg.generator.crop else None
     return crop_and_pool(generator.synthesis(generator.mapping(z)), crop, tuple(cfg.encoder.input_size)).clamp(-1, 1)
 

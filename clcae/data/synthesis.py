@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,12 @@ log = logging.getLogger(__name__)
 
 SHARD_RE = re.compile(r"pairs-(\d{9})-(\d{9})\.parquet$")
 CHUNK = 16  # images per generator call inside a shard; fixed so batch composition never changes the bytes
+
+
+def seed_z(seeds: Iterable[int], style_dim: int) -> torch.Tensor:
+    """z ~ N(0, I) for each seed, from its own ``torch.Generator().manual_seed(s)``: (len(seeds), style_dim).
+    The one definition of "seed s" for the pairs, the training images and the study's test sets."""
+    return torch.stack([torch.randn(style_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
 def shard_name(first: int, last: int) -> str:
@@ -70,8 +77,7 @@ class PairGenerator:
         from clcae.models.clcae import crop_and_pool
 
         g = self.generator
-        z = torch.stack([torch.randn(g.style_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-        w = g.mapping(z.to(self.device))
+        w = g.mapping(seed_z(seeds, g.style_dim).to(self.device))
         crop = tuple(self.cfg.generator.crop) if self.cfg.generator.crop else None
         images = crop_and_pool(g.synthesis(w), crop, tuple(self.cfg.encoder.input_size)).clamp(-1, 1)
         arr = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
