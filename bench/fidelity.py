@@ -61,7 +61,7 @@ for _key, _value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INT
 import torch  # noqa: E402
 from torchvision.transforms.functional import gaussian_blur  # noqa: E402
 
-from clcae.config import CLCAEConfig, DirectionConfig, from_dict, load_config  # noqa: E402
+from clcae.config import CLCAEConfig, DirectionConfig, load_config  # noqa: E402
 from clcae.data.synthesis import seed_z  # noqa: E402
 from clcae.editing import save_interfacegan  # noqa: E402
 from clcae.factory import build_clcae, build_generator  # noqa: E402
@@ -283,14 +283,11 @@ def score(suite: MetricSuite, images: torch.Tensor, latents: torch.Tensor, edits
 
 
 def load_run(checkpoint: str, directions: dict[str, DirectionConfig]) -> tuple[CLCAE, Inverter | None]:
-    from clcae.weights import load_into, read_checkpoint
+    from clcae.pretrained import load, prepare
 
-    ckpt = read_checkpoint(checkpoint, kind="inversion")
-    cfg = from_dict(ckpt["config"])
+    source, cfg = prepare(checkpoint)
     cfg.directions = directions
-    model = build_clcae(cfg, load_pretrained=False)
-    load_into(model, ckpt["state_dict"], checkpoint, "inversion network")
-    model.eval().requires_grad_(False)
+    model = load(source, cfg).eval().requires_grad_(False)
     inverter = Inverter(model, directions_from_config(cfg), device="cpu") if model.encoder.has_feature else None
     return model, inverter
 

@@ -205,7 +205,7 @@ def run_setting(name: str, cfg, args: argparse.Namespace, image: bytes) -> dict[
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
-    p.add_argument("--checkpoint", default=None, help="our stage-2 checkpoint (serve.checkpoint)")
+    p.add_argument("--model", "--checkpoint", dest="model", default=None, help="the model to serve (serve.model)")
     p.add_argument("--requests", type=int, default=200, help="timed requests per setting")
     p.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
     p.add_argument("--max-seconds", type=float, default=120.0, help="hard cap per setting (timed part)")
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from clcae.config import load_config
 
-    base = list(args.overrides) + (["serve.checkpoint=" + args.checkpoint] if args.checkpoint else [])
+    base = list(args.overrides) + (["serve.model=" + args.model] if args.model else [])
     port = free_port()
     # Fixed replica count (no autoscaling difference between settings); queues deep enough that the
     # offered load is queued, not refused, unless the user overrides them.
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "benchmark": "bench/serve_load.py",
         "endpoint": "POST /v1/invert?format=png (raw PNG body)",
-        "config": args.config, "checkpoint": args.checkpoint, "overrides": args.overrides,
+        "config": args.config, "model": args.model, "overrides": args.overrides,
         "requests": args.requests, "concurrency": args.concurrency, "max_seconds": args.max_seconds,
         "warmup": args.warmup, "replicas": args.replicas, "image": f"{args.image_size}x{args.image_size} PNG, "
                                                                        f"{len(image):,} bytes",

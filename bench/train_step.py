@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clcae.config import load_config  # noqa: E402
-from clcae.factory import average_image, build_aligner, build_clcae  # noqa: E402
+from clcae.factory import build_aligner, build_clcae  # noqa: E402
 from clcae.train.steps import InversionStep  # noqa: E402
 
 CASES = {
@@ -65,7 +65,7 @@ def bench_case(name: str, batch: int, steps: int) -> dict:
     cfg = load_config(ROOT / path, overrides)
     torch.manual_seed(0)
     model = build_clcae(cfg)
-    aligner = build_aligner(cfg, average_image(model), model.latent_avg)
+    aligner = build_aligner(cfg, model.x_avg, model.latent_avg)
     step = InversionStep(cfg, model, aligner)
     h, w = cfg.encoder.input_size
     x = torch.rand(batch, 3, h, w) * 2 - 1

@@ -146,14 +146,15 @@ def decode_rows(batch: dict[str, np.ndarray], size: tuple[int, int], skip: dict[
 class InvertActor:
     """Ray Data actor: the Inverter, built once per actor."""
 
-    def __init__(self, config: dict[str, Any], checkpoint: str | None, device: str, with_f: bool, psnr: bool):
+    def __init__(self, config: dict[str, Any], source: Any, device: str, with_f: bool, psnr: bool):
         import torch
 
         from clcae.inference import Inverter
 
         cfg = from_dict(config)
         torch.set_num_threads(max(1, int(cfg.infer.cpus_per_actor)))
-        self.inverter = (Inverter.from_checkpoint(checkpoint, device=device) if checkpoint
+        # ``source``: the ModelSource the driver resolved (each actor reads the weights once), or None
+        self.inverter = (Inverter.load(source, cfg, device=device) if source is not None
                          else Inverter.from_config(cfg, device=device))
         self.with_f, self.psnr = with_f, psnr
 
@@ -263,10 +264,10 @@ def make_sink(out_uri: str, cfg: CLCAEConfig, schema: pa.Schema):
 
 
 # --------------------------------------------------------------------------------------------- job
-def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, checkpoint: str | None = None
-                    ) -> dict[str, Any]:
+def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: Any = None) -> dict[str, Any]:
     """Run the bulk job; returns {"inputs", "skipped", "written", "errors", ...} with
-    inputs == skipped + written + errors."""
+    inputs == skipped + written + errors.  ``source``: a ``clcae.pretrained.ModelSource`` resolved with
+    ``prepare`` (whose config ``cfg`` is), or None for the config's own model."""
     import ray
 
     t0 = time.perf_counter()
@@ -297,7 +298,7 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, checkpoin
     i = cfg.infer
     use_gpu = i.use_gpu
     ds = ds.map_batches(
-        InvertActor, fn_constructor_kwargs={"config": to_dict(cfg), "checkpoint": checkpoint,
+        InvertActor, fn_constructor_kwargs={"config": to_dict(cfg), "source": source,
                                             "device": "cuda" if use_gpu else "cpu", "with_f": i.with_f,
                                             "psnr": i.psnr},
         batch_size=i.batch_size, batch_format="numpy", num_gpus=1 if use_gpu else 0, num_cpus=i.cpus_per_actor,

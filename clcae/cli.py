@@ -1,4 +1,5 @@
-"""``clcae`` command: ``clcae weights list | fetch NAME [--dir DIR] | check PATH``.
+"""``clcae`` command: ``clcae export SRC OUT [--dtype fp16]`` and ``clcae weights list | fetch NAME [--dir DIR] |
+check PATH | convert SRC OUT``.
 
 ``fetch`` needs a network (never used by the tests).  Google Drive downloads go through ``gdown``
 (``pip install gdown``), which handles Drive's confirmation pages; plain URLs use urllib.
@@ -97,6 +98,35 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Any model (registry name, the authors' file, our checkpoint or run directory) -> one .safetensors file:
+    weights + model-only config, no optimiser state, no training paths, no direction files."""
+    from clcae.config import ConfigError
+    from clcae.pretrained import export
+
+    if not str(args.out).endswith(".safetensors"):
+        print(f"error: {args.out}: the exported model is a .safetensors file; name it *.safetensors", file=sys.stderr)
+        return 2
+    try:
+        info = export(args.source, args.out, dtype=args.dtype, overrides=args.overrides)
+    except (ConfigError, WeightsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{info['out']}: {info['bytes']:,} bytes, {info['tensors']} tensors ({info['dtype']}), "
+          f"model id {info['model_id']}")
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="registry name (clcae-ffhq), the authors' file, our checkpoint or run directory")
+    p.add_argument("out", help="the .safetensors file to write (local or s3://)")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                   help="fp16 halves the file; outputs then differ slightly from the source (fp32 is bit-identical)")
+    p.add_argument("overrides", nargs="*", help="generator.checkpoint=... / model.average_image=... for the "
+                                                "authors' files")
+    p.set_defaults(fn=cmd_export)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="clcae", description=__doc__.splitlines()[0])
@@ -111,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     check = weights.add_parser("check", help="read a checkpoint safely and print its sha256 and keys")
     check.add_argument("path")
     check.set_defaults(fn=cmd_check)
+    _export_args(weights.add_parser("convert", help="the authors' file (or any model) -> our exported format "
+                                                    "(same as `clcae export`)"))
+    _export_args(sub.add_parser("export", help="a model -> one .safetensors file (weights + model config)"))
     args = parser.parse_args(argv)
     return args.fn(args)
 

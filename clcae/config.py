@@ -76,6 +76,12 @@ class ModelConfig:
     attention_dropout: float = 0.1
     attention_tokens: int = 1  # 1 = the paper (softmax over one key is 1); >1 = non-degenerate variant
     f_ramp_steps: int = 10_000  # f blends in 0 -> 1 once over these steps, as FeatureStyleEncoder does
+    feature: bool = True  # False = no F branch: outputs w and w+ only (the authors' --not_for_feature)
+    # The encoder sees x - x_avg, as in the authors' AFPSP.forward. False = the raw image: the convention of
+    # checkpoints written before this key existed (they load with False and keep their outputs).
+    center_input: bool = True
+    # x_avg: null = G(latent_avg) at the input size; or the authors' image_avg.png (resized to the input size)
+    average_image: str | None = None
 
 
 @dataclass
@@ -153,6 +159,9 @@ class TrainConfig:
     max_failures: int = 3  # Ray FailureConfig; -1 = retry forever
     storage_path: str = "./runs"
     keep_checkpoints: int = 3
+    # Stage 2 only: start the encoder from a trained model (a registry name like clcae-ffhq, the authors' file,
+    # our checkpoint or run directory, or an exported model) to fine-tune it, e.g. on a new domain.
+    init_from: str | None = None
 
 
 @dataclass
@@ -172,7 +181,9 @@ class InferConfig:
 class ServeConfig:
     """Ray Serve app (serve/app.py): HTTP, batching, autoscaling and limits."""
 
-    checkpoint: str | None = None  # our stage-2 checkpoint; None = the config's model (random encoder)
+    # The model to serve: a registry name (clcae-ffhq), the authors' file, our checkpoint or run directory, or an
+    # exported model; None = the config's own model (random encoder: only for trying the service out).
+    model: str | None = None
     host: str = "127.0.0.1"  # loopback unless an API key is set
     port: int = 8000
     api_key: str | None = None  # required in the X-API-Key header when set (or env CLCAE_API_KEY)
@@ -264,6 +275,54 @@ def to_dict(cfg: CLCAEConfig) -> dict[str, Any]:
 def to_yaml(cfg: CLCAEConfig) -> str:
     """The resolved config as YAML that :func:`load_config` reads back to an equal config."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# The sections that describe a trained model: they travel with it (our checkpoints, exports, the authors' opts)
+# and decide its architecture. Every other section (infer, serve, storage, directions, device, loss, ...) belongs
+# to the job that uses the model.
+MODEL_SECTIONS = ("generator", "encoder", "model")
+# Model keys a user may still set when using a trained model: where latent_avg comes from (the authors' files
+# lack it) and the average-image file.
+SETTABLE_MODEL_KEYS = ("generator.checkpoint", "model.average_image")
+
+
+def upgrade_stored(d: Mapping[str, Any]) -> dict[str, Any]:
+    """A config stored by an earlier version, in today's schema, meaning what it meant when it was written.
+
+    * ``model.center_input`` did not exist: those models were trained on the raw image, so it is False.
+    * ``serve.checkpoint`` is now ``serve.model``.
+    """
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in d.items()}
+    model = out.setdefault("model", {})
+    if isinstance(model, dict):
+        model.setdefault("center_input", False)
+    serve = out.get("serve")
+    if isinstance(serve, dict) and "checkpoint" in serve:
+        serve["model"] = serve.pop("checkpoint")
+    return out
+
+
+def model_part(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's own sections of a config dict (what an exported model stores)."""
+    return {k: dict(d[k]) for k in MODEL_SECTIONS if k in d}
+
+
+def inference_config(model: Mapping[str, Any], job: CLCAEConfig | Mapping[str, Any] | None = None,
+                     overrides: Sequence[str] = (), source: str = "the model") -> CLCAEConfig:
+    """The one merge every front door uses to run a trained model: the model's sections (``MODEL_SECTIONS``,
+    from its checkpoint/export/opts) + the job's settings (``job``: a config or dict; None = defaults) +
+    ``key=value`` overrides.  Overriding the model's architecture is refused, naming the key."""
+    base = to_dict(job) if isinstance(job, CLCAEConfig) else dict(job or {})
+    merged = {**base, **model_part(model)}
+    for item in overrides:
+        key = str(item).split("=", 1)[0].strip()
+        if key.split(".", 1)[0] in MODEL_SECTIONS and key not in SETTABLE_MODEL_KEYS:
+            raise ConfigError(f"override {item!r}: {key} is part of the model's architecture, fixed by {source}; "
+                              f"only {', '.join(SETTABLE_MODEL_KEYS)} can be set for a trained model", [key])
+    conf = _merge(OmegaConf.structured(CLCAEConfig), OmegaConf.create(merged), source)
+    for item in overrides:
+        conf = _merge(conf, _parse_override(item), f"override {item!r}")
+    return _finish(conf, source)
 
 
 def n_latent(cfg: CLCAEConfig | GeneratorConfig) -> int:
@@ -388,6 +447,11 @@ def _check_model(cfg: CLCAEConfig, check: Check) -> None:
               "else the scale is clamped from step 0")
     check(0 <= c.lambda_image <= 1, "contrastive.lambda_image", "must be in [0, 1] (Eq. 3)")
     check(c.lr > 0, "contrastive.lr", "must be > 0")
+    check(bool(c.official_image) == bool(c.official_latent), "contrastive.official_latent" if c.official_image
+          else "contrastive.official_image", "the authors' pair goes together: set both contrastive.official_image "
+          "(best_model_image.pt) and contrastive.official_latent (best_model_latent.pt), or neither")
+    check(not (c.official_image and c.checkpoint), "contrastive.checkpoint",
+          "give the stage-1 module once: contrastive.checkpoint (ours) or contrastive.official_image/_latent")
     check(c.optimizer in CONTRASTIVE_OPTIMIZERS, "contrastive.optimizer",
           f"must be one of {', '.join(CONTRASTIVE_OPTIMIZERS)}")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch.nn import functional as F
 
 from clcae.config import CLCAEConfig, n_latent
 from clcae.models.clcae import CLCAE
@@ -44,12 +43,16 @@ def build_encoder(cfg: CLCAEConfig, feature_channels: int) -> CLCAEEncoder | PSP
     return CLCAEEncoder(
         **common, feature_channels=feature_channels, w_attention=m.w_attention, f_attention=m.f_attention,
         heads=m.attention_heads, ffn=m.attention_ffn, dropout=m.attention_dropout, tokens=m.attention_tokens,
+        feature=m.feature,
     )
 
 
 def build_clcae(cfg: CLCAEConfig, generator: Generator | None = None, latent_avg: torch.Tensor | None = None,
-                load_pretrained: bool = True) -> CLCAE:
-    """The inversion network with its generator; the encoder body from ``encoder.pretrained`` if set."""
+                load_pretrained: bool = True, average_image: bool = True) -> CLCAE:
+    """The inversion network with its generator; the encoder body from ``encoder.pretrained`` if set.
+
+    ``average_image``: set x_avg now (``model.average_image`` or G(latent_avg)); loaders that replace the
+    generator's weights afterwards pass False and set it once the weights are in (clcae.pretrained)."""
     if generator is None:
         generator, latent_avg = build_generator(cfg, load=load_pretrained)
     # The encoder's random init follows cfg.seed (build_generator seeds with generator.init_seed, which
@@ -61,7 +64,12 @@ def build_clcae(cfg: CLCAEConfig, generator: Generator | None = None, latent_avg
 
         load_irse_into_encoder(cfg.encoder.pretrained, encoder)
     crop = tuple(cfg.generator.crop) if cfg.generator.crop else None
-    return CLCAE(encoder, generator, latent_avg, crop=crop)
+    model = CLCAE(encoder, generator, latent_avg, crop=crop, center_input=cfg.model.center_input)
+    if average_image:
+        from clcae.pretrained import set_average_image
+
+        set_average_image(model, cfg)
+    return model
 
 
 def build_aligner(cfg: CLCAEConfig, image_avg: torch.Tensor | None = None,
@@ -71,16 +79,3 @@ def build_aligner(cfg: CLCAEConfig, image_avg: torch.Tensor | None = None,
     latent = LatentEncoder(d, c.layers, c.heads, c.ffn, c.dropout, c.projection_dim)
     return ContrastiveAligner(image, latent, image_avg, latent_avg, c.init_temperature, c.max_logit_scale,
                               c.lambda_image)
-
-
-@torch.no_grad()
-def average_image(model: CLCAE) -> torch.Tensor:
-    """x_avg = G(latent_avg) at the encoder's input resolution (the contrastive branch's centring image)."""
-    img = model.decoder.synthesis(model.decoder.broadcast(model.latent_avg[None]))
-    return model.to_input_resolution(img)
-
-
-def resize_to(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if tuple(images.shape[-2:]) == tuple(size):
-        return images
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)

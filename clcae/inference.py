@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,13 +15,17 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from clcae.config import CLCAEConfig, from_dict
+from clcae import pretrained
+from clcae.config import CLCAEConfig
 from clcae.data.images import InputError, decode_image, pil_to_tensor
 from clcae.editing import DirectionRegistry, Edits
 from clcae.factory import build_clcae
-from clcae.models.clcae import CLCAE
+from clcae.models.clcae import CLCAE, InversionOutput
+from clcae.models.stylegan2 import FEATURE_RES
+from clcae.pretrained import ModelSource
 
 log = logging.getLogger(__name__)
+
 
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
@@ -36,17 +40,12 @@ class Inversion:
 
     w: torch.Tensor                        # (B, D)
     w_plus: torch.Tensor                   # (B, N, D)
-    f: torch.Tensor                        # (B, C, 16, 16)
-    image: torch.Tensor                    # G(w+, f), (B, 3, H, W) in [-1, 1] (unclamped)
+    f: torch.Tensor | None                 # (B, C, 16, 16); None for a model without an F branch
+    image: torch.Tensor                    # G(w+, f) (G(w+) without f), (B, 3, H, W) in [-1, 1] (unclamped)
     deltas: torch.Tensor | None = None     # (B, N, D)
     t3: torch.Tensor | None = None
     g5: torch.Tensor | None = None
     extra_images: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-
-    def cpu(self) -> Inversion:
-        moved = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
-        moved["extra_images"] = {k: v.cpu() for k, v in self.extra_images.items()}
-        return Inversion(**moved)
 
 
 class Inverter:
@@ -58,29 +57,28 @@ class Inverter:
         self.directions = directions or DirectionRegistry({})
         self.model_id = model_id
         self.input_size: tuple[int, int] = tuple(model.encoder.input_size)
+        # the image every inversion returns: G(w+, f), or G(w+) for a model without an F branch
+        self.main_output = "f" if model.encoder.has_feature else "w_plus"
 
     # ------------------------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: CLCAEConfig, checkpoint: str | None = None, device: str | None = None) -> Inverter:
-        """A model from config (real or seeded generator); ``checkpoint`` = our stage-2 checkpoint."""
-        model = build_clcae(cfg, load_pretrained=checkpoint is None)
-        model_id = f"{cfg.name}:random-init"
-        if checkpoint is not None:
-            from clcae.weights import load_into, read_checkpoint
-
-            ckpt = read_checkpoint(checkpoint, kind="inversion")
-            load_into(model, ckpt["state_dict"], checkpoint, "CLCAE inversion network")
-            model_id = str(ckpt.get("model_id") or f"{cfg.name}:{checkpoint}")
-        return cls(model, directions_from_config(cfg), device or cfg.device, model_id)
+    def from_config(cls, cfg: CLCAEConfig, device: str | None = None) -> Inverter:
+        """The config's own model: its generator (real or seeded) and a randomly initialised encoder."""
+        return cls(build_clcae(cfg), directions_from_config(cfg), device or cfg.device, f"{cfg.name}:random-init")
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str, overrides: Sequence[str] = (), device: str | None = None) -> Inverter:
-        """Everything from our checkpoint: the config stored in it (plus overrides) and the weights."""
-        from clcae.weights import read_checkpoint
+    def from_pretrained(cls, model: str | ModelSource, config: CLCAEConfig | None = None,
+                        overrides: Sequence[str] = (), device: str | None = None) -> Inverter:
+        """Any model a user brings (``clcae.pretrained``): a registry name (``clcae-ffhq``), the authors' file, our
+        checkpoint or run directory, an exported model.  ``config`` supplies the job's settings (directions,
+        device, ...); the architecture always comes from the model."""
+        source, cfg = pretrained.prepare(model, config, overrides)
+        return cls.load(source, cfg, device)
 
-        stored = read_checkpoint(checkpoint, kind="inversion")["config"]
-        cfg = from_dict(merge_overrides(stored, overrides))
-        return cls.from_config(cfg, checkpoint, device)
+    @classmethod
+    def load(cls, source: ModelSource, cfg: CLCAEConfig, device: str | None = None) -> Inverter:
+        """A source already resolved with :func:`clcae.pretrained.prepare` (actors and replicas get it so)."""
+        return cls(pretrained.load(source, cfg), directions_from_config(cfg), device or cfg.device, source.model_id)
 
     # ------------------------------------------------------------------------------------ pre/post
     def preprocess(self, images: Sequence[Image.Image | np.ndarray | bytes] | torch.Tensor) -> torch.Tensor:
@@ -106,18 +104,18 @@ class Inverter:
         """Invert a batch.  ``extra_outputs`` may ask for "w" (G(w)) and "w_plus" (G(w+)) as well."""
         x = self.preprocess(images).to(self.device)
         m = self.model
-        feats = m.encoder.features(x)
-        w, w_plus, f = m.heads(feats.w_offset, feats.deltas, feats.t3)
-        outputs = ("f", *[o for o in extra_outputs if o != "f"])
-        holder = _G5Holder()
-        images_out = m.render(w, w_plus, f, outputs, out=holder)
-        extra = {k: v for k, v in images_out.items() if k != "f"}
-        return Inversion(w, w_plus, f, images_out["f"], feats.deltas, feats.t3, holder.g5, extra)
+        w, w_plus, f, feats = m.latents(x)
+        outputs = (self.main_output, *[o for o in extra_outputs if o != self.main_output])
+        out = InversionOutput(w=w, w_plus=w_plus, f=f)
+        images_out = m.render(w, w_plus, f, outputs, out=out)
+        extra = {k: v for k, v in images_out.items() if k != self.main_output}
+        return Inversion(w, w_plus, f, images_out[self.main_output], feats.deltas, feats.t3, out.g5, extra)
 
     @torch.inference_mode()
     def edit(self, inversion: Inversion, edits: Edits) -> torch.Tensor:
         """G(w^+, f^) for the named edits.  InterFaceGAN moves w before the cross-attention blocks (so w+ and f
-        follow, as the authors do); GANSpace moves w+; then f^ = f(w^) + G5(w^+) - G5(w+) (Eq. 6).
+        follow, and the edited w is block 0's key/value, as the authors do); GANSpace moves w+; then
+        f^ = f(w^) + G5(w^+) - G5(w+) (Eq. 6).  Without an F branch: G(w^+).
 
         Without ``deltas``/``t3`` (latents that came back from a client) w-space edits are applied to every
         layer of w+ and f is kept: the FS-style edit.
@@ -130,52 +128,49 @@ class Inverter:
         f_edit = None
         if inversion.deltas is not None:
             _, w_plus_edit, f_edit = m.heads(w_off_edit, inversion.deltas, inversion.t3)
-            if f_edit is None:
-                f_edit = inversion.f
         else:
             w_plus_edit = inversion.w_plus + (w_off_edit - w_off)[:, None]
         w_plus_edit = self.directions.apply_to_w_plus(w_plus_edit, edits)
+        if inversion.f is None:
+            return m.render(w_plus_edit, w_plus_edit, None, ("w_plus",))["w_plus"]
         return m.edited_images(inversion.w_plus, inversion.f, w_plus_edit, f_edit, g5=inversion.g5)
 
-    def latents_to_inversion(self, w: torch.Tensor, w_plus: torch.Tensor, f: torch.Tensor,
+    def latents_to_inversion(self, w: torch.Tensor, w_plus: torch.Tensor, f: torch.Tensor | None,
                              deltas: torch.Tensor | None = None) -> Inversion:
         """Wrap client-supplied latents, validating their shapes, for :meth:`edit`.  With the encoder's
-        residuals (``deltas``), w-space edits re-run the W+ attention; without, they shift every layer of w+."""
+        residuals (``deltas``), w-space edits re-run the W+ attention; without, they shift every layer of w+.
+        ``f`` is required exactly when the model has an F branch."""
         g = self.model.decoder
         d, n = g.style_dim, g.n_latent
-        c = g.feature_channels
-        checks = [("w", w, (d,)), ("w_plus", w_plus, (n, d)), ("f", f, (c, 16, 16))]
+        c, r = g.feature_channels, FEATURE_RES
+        has_f = self.model.encoder.has_feature
+        if has_f and f is None:
+            raise InputError(f"f is required: this model renders G(w+, f) (shape (B, {c}, {r}, {r}))")
+        if not has_f and f is not None:
+            raise InputError("this model has no F branch: send w and w_plus without f")
+        checks = [("w", w, (d,)), ("w_plus", w_plus, (n, d))]
+        if f is not None:
+            checks.append(("f", f, (c, r, r)))
         if deltas is not None:
             checks.append(("deltas", deltas, (n, d)))
         for name, t, shape in checks:
             if t.ndim != len(shape) + 1 or tuple(t.shape[1:]) != shape:
                 raise InputError(f"{name} must have shape (B, {', '.join(map(str, shape))}), got {tuple(t.shape)}")
+            if t.shape[0] != w.shape[0]:
+                raise InputError(f"{name} has {t.shape[0]} rows but w has {w.shape[0]}: one row per image")
             if not torch.isfinite(t).all():
                 raise InputError(f"{name} contains NaN or infinite values")
         dev = self.device
-        w, w_plus, f = w.to(dev).float(), w_plus.to(dev).float(), f.to(dev).float()
+        w, w_plus = w.to(dev).float(), w_plus.to(dev).float()
+        f = f.to(dev).float() if f is not None else None
         deltas = deltas.to(dev).float() if deltas is not None else None
-        holder = _G5Holder()
+        out = InversionOutput(w=w, w_plus=w_plus, f=f)
         with torch.inference_mode():
-            image = self.model.render(w, w_plus, f, ("f",), out=holder)["f"]
-        return Inversion(w, w_plus, f, image, deltas=deltas, g5=holder.g5)
-
-
-class _G5Holder:
-    g5: torch.Tensor | None = None
+            image = self.model.render(w, w_plus, f, (self.main_output,), out=out)[self.main_output]
+        return Inversion(w, w_plus, f, image, deltas=deltas, g5=out.g5)
 
 
 def directions_from_config(cfg: CLCAEConfig) -> DirectionRegistry:
     spec = {name: {k: v for k, v in dataclasses.asdict(d).items() if v is not None}
             for name, d in cfg.directions.items()}
     return DirectionRegistry.from_config(spec, style_dim=cfg.generator.style_dim)
-
-
-def merge_overrides(stored: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """A stored config dict with ``key=value`` overrides applied (validated by ``from_dict``)."""
-    from omegaconf import OmegaConf
-
-    if not overrides:
-        return dict(stored)
-    merged = OmegaConf.merge(OmegaConf.create(dict(stored)), OmegaConf.from_dotlist(list(overrides)))
-    return OmegaConf.to_container(merged)

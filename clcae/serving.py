@@ -49,7 +49,8 @@ def check_api_key(expected: str | None, given: str | None) -> None:
         raise ApiError(401, f"missing or wrong API key: send it in the {API_KEY_HEADER!r} header")
 
 
-def _inverter(config: dict[str, Any], checkpoint: str | None):
+def _inverter(config: dict[str, Any], source: Any):
+    """The replica's Inverter: ``source`` (a ModelSource the driver resolved) or the config's own model."""
     import torch
 
     from clcae.inference import Inverter
@@ -57,12 +58,8 @@ def _inverter(config: dict[str, Any], checkpoint: str | None):
     cfg = from_dict(config)
     torch.set_num_threads(max(1, int(cfg.serve.cpus_per_replica)))
     device = "cuda" if cfg.serve.use_gpu else "cpu"
-    if checkpoint:
-        inverter = Inverter.from_checkpoint(checkpoint, device=device)
-        from clcae.inference import directions_from_config
-
-        inverter.directions = directions_from_config(cfg)  # directions come from the serving config
-        return inverter
+    if source is not None:
+        return Inverter.load(source, cfg, device=device)
     return Inverter.from_config(cfg, device=device)
 
 
@@ -101,8 +98,8 @@ def _png(image) -> bytes:
 class InvertModel:
     """The Inverter with dynamic batching: concurrent requests become one model call."""
 
-    def __init__(self, config: dict[str, Any], checkpoint: str | None):
-        self.inverter = _inverter(config, checkpoint)
+    def __init__(self, config: dict[str, Any], source: Any = None):
+        self.inverter = _inverter(config, source)
         cfg = from_dict(config).serve
         self.invert_batch.set_max_batch_size(cfg.max_batch_size)
         self.invert_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
@@ -130,8 +127,8 @@ class InvertModel:
 
 @serve.deployment(name="EditModel")
 class EditModel:
-    def __init__(self, config: dict[str, Any], checkpoint: str | None):
-        self.inverter = _inverter(config, checkpoint)
+    def __init__(self, config: dict[str, Any], source: Any = None):
+        self.inverter = _inverter(config, source)
 
     async def __call__(self, latents: dict[str, np.ndarray], edits: list[tuple[str, float]]):
         import torch
@@ -366,6 +363,13 @@ def build(cfg: CLCAEConfig, page: str = ""):
 
     from clcae.config import to_dict
 
+    source = None
+    if cfg.serve.model:
+        from clcae.pretrained import prepare
+
+        # resolved here, in the driver: a missing file fails before any replica starts, and the replicas get
+        # the model's architecture with the serving config's settings and directions
+        source, cfg = prepare(cfg.serve.model, cfg)
     s = cfg.serve
     config = to_dict(cfg)
     actor = {"num_cpus": s.cpus_per_replica, "num_gpus": 1 if s.use_gpu else 0}
@@ -375,8 +379,8 @@ def build(cfg: CLCAEConfig, page: str = ""):
     model_opts = dict(ray_actor_options=actor, max_ongoing_requests=s.max_ongoing_requests,
                       max_queued_requests=s.max_queued_requests, autoscaling_config=autoscaling,
                       backpressure_config=backpressure, health_check_period_s=10)
-    inverter = InvertModel.options(**model_opts).bind(config, s.checkpoint)
-    editor = EditModel.options(**model_opts).bind(config, s.checkpoint)
+    inverter = InvertModel.options(**model_opts).bind(config, source)
+    editor = EditModel.options(**model_opts).bind(config, source)
     return Api.options(ray_actor_options={"num_cpus": min(0.5, s.cpus_per_replica)},
                        max_ongoing_requests=4 * s.max_ongoing_requests, max_queued_requests=4 * s.max_queued_requests,
                        backpressure_config=backpressure).bind(inverter, editor, config, page)

@@ -122,27 +122,52 @@ def where_from(path: str | os.PathLike, source: str | None = None) -> str:
         if Path(f.filename).name == name or (name.startswith("best_model_") and f.folder):
             how = f"`clcae weights fetch {f.name}`" if f.urls else "download it by hand"
             return f" It is the official file {f.filename!r} from {f.source}; {how}."
-    return " See README 'Real weights' for the official files and where they go."
+    # Not an official file (e.g. one of our own checkpoints): the path itself is what to check.
+    return ""
 
 
 # ------------------------------------------------------------------------------------------ reading
 def read_state(path: str | os.PathLike, extra_safe_globals: Iterable[Any] = (), source: str | None = None) -> Any:
     """torch.load(weights_only=True) from a local path or any fsspec URI, with errors that name the file
-    and where the official one comes from (``source``, else guessed from the file name)."""
+    and where the official one comes from (``source``, else guessed from the file name).
+
+    Local files are memory-mapped: only the tensors a caller touches are read, so taking the model out of a
+    training checkpoint does not read its optimiser state (several GB at the paper's size)."""
     path = str(path)
+    local = local_path(path)
     try:
-        with fsspec.open(path, "rb") as fh:
-            data = fh.read()
+        if local is not None:
+            if not os.path.isfile(local):
+                raise FileNotFoundError(local)
+            data: Any = None
+        else:
+            with fsspec.open(path, "rb") as fh:
+                data = fh.read()
     except FileNotFoundError:
         raise MissingWeightsError(f"weights file not found: {path}.{where_from(path, source)}") from None
     except Exception as exc:  # noqa: BLE001 - storage errors come in many types; all get the path attached
         raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
     try:
         with torch.serialization.safe_globals([argparse.Namespace, *extra_safe_globals]):
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            if data is not None:
+                return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            try:
+                return torch.load(local, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                # files in torch's legacy (pre-1.6, non-zip) format cannot be memory-mapped
+                return torch.load(local, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         raise WeightsError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})."
                            f"{where_from(path, source)}") from exc
+
+
+def local_path(uri: str) -> str | None:
+    """The local file system path of a plain path or file:// URI; None for remote URIs (s3://, gs://, ...)."""
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    return None if "://" in uri else uri
 
 
 def _summarise(keys: Iterable[str], limit: int = 8) -> str:
@@ -266,14 +291,18 @@ def _state_of(ckpt: Any, path: str) -> Mapping[str, torch.Tensor]:
                        f"{where_from(path)}")
 
 
-def load_official_inversion(path: str, model: nn.Module, latent_avg: torch.Tensor | None = None) -> None:
-    """The authors' ``{'state_dict': encoder.*/decoder.*, 'opts'}`` onto a ``CLCAE`` (identical keys)."""
-    state = dict(_state_of(read_state(path), path))
+def load_official_inversion(path: str, model: nn.Module, latent_avg: torch.Tensor | None = None,
+                            state: Mapping[str, torch.Tensor] | None = None) -> None:
+    """The authors' ``{'state_dict': encoder.*/decoder.*, 'opts'}`` onto a ``CLCAE`` (identical keys);
+    ``state`` = its state_dict when the caller has already read the file."""
+    state = dict(_state_of(read_state(path), path) if state is None else state)
     if latent_avg is not None:
         state["latent_avg"] = latent_avg.reshape(-1)
     else:
         state.setdefault("latent_avg", model.latent_avg)
     load_into(model, state, path, "CLCAE inversion network", strict=True, allow_missing=("decoder.noises.",))
+    # x_avg = G(latent_avg) follows the weights just loaded (a file given as model.average_image replaces it)
+    model.set_average_image()
 
 
 CONTRASTIVE_LATENT_RENAMES = {"coarse.": "layers.0.", "medium.": "layers.1.", "fine.": "layers.2."}
@@ -318,6 +347,9 @@ def save_checkpoint(path: str | os.PathLike, kind: str, model: nn.Module, config
     """Our self-contained checkpoint: weights incl. latent_avg, the resolved config, and ``extra`` state."""
     payload = {"format": CHECKPOINT_FORMAT, "kind": kind, "state_dict": model.state_dict(), "config": dict(config),
                **extra}
+    if isinstance(getattr(model, "x_avg", None), torch.Tensor):
+        # the average image the encoder was trained against, so inference needs no file from the training run
+        payload["x_avg"] = model.x_avg.detach().cpu()
     buf = io.BytesIO()
     torch.save(payload, buf)
     with fsspec.open(str(path), "wb") as fh:
@@ -327,8 +359,9 @@ def save_checkpoint(path: str | os.PathLike, kind: str, model: nn.Module, config
 def read_checkpoint(path: str, kind: str | None = None) -> dict[str, Any]:
     ckpt = read_state(path)
     if not isinstance(ckpt, Mapping) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise WeightsError(f"{path} is not a clcae-platform checkpoint (format {CHECKPOINT_FORMAT!r}). For the "
-                           "authors' files use load_official_inversion / load_official_contrastive.")
+        raise WeightsError(f"{path} is not a clcae-platform checkpoint (format {CHECKPOINT_FORMAT!r}). For any model "
+                           "(the authors' files, exports, registry names) use clcae.pretrained.load / "
+                           "Inverter.from_pretrained.")
     if kind is not None and ckpt.get("kind") != kind:
         raise WeightsError(f"{path} holds a {ckpt.get('kind')!r} checkpoint, expected {kind!r}")
     return dict(ckpt)

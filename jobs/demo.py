@@ -87,7 +87,7 @@ def serve_and_edit(cfg, checkpoint: str, directions, photo: Path, out: Path, kee
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1] if not keep_up else 8000
-    cfg.serve.checkpoint, cfg.serve.port, cfg.serve.cpus_per_replica = checkpoint, port, 0.5
+    cfg.serve.model, cfg.serve.port, cfg.serve.cpus_per_replica = checkpoint, port, 0.5
     cfg.serve.max_replicas, cfg.directions = 1, directions
     start(cfg, page())
     url = f"http://127.0.0.1:{port}/"
@@ -112,7 +112,8 @@ def run(out: Path, overrides: list[str], stage1_steps: int, stage2_steps: int, n
         n_pairs: int = 128, fresh: bool = False, keep_up: bool = False) -> dict:
     from clcae.data.shards import make_shards
     from clcae.data.synthesis import synthesize
-    from clcae.inference import Inverter, directions_from_config
+    from clcae.inference import Inverter
+    from clcae.pretrained import prepare
     from clcae.train.loop import fit, resolve_checkpoint
     from clcae.train.runtime import init_ray
 
@@ -146,7 +147,6 @@ def run(out: Path, overrides: list[str], stage1_steps: int, stage2_steps: int, n
 
     log.info("5/5 inverting held-out images with the trained encoder and editing them")
     checkpoint = resolve_checkpoint(str(store / "runs" / "demo-s2"), s2)
-    inverter = Inverter.from_checkpoint(checkpoint, device="cpu")
     pca_path, pc0_path = fit_directions(generator, out / "directions", seed=cfg.seed)
     n = generator.n_latent
     cfg.directions = {
@@ -154,7 +154,9 @@ def run(out: Path, overrides: list[str], stage1_steps: int, stage2_steps: int, n
         "pc1_coarse": DirectionConfig(kind="ganspace", path=str(pca_path), component=1, layers=[0, n // 2],
                                       max_strength=10.0),
     }
-    inverter.directions = directions_from_config(cfg)
+    source, s2 = prepare(checkpoint, s2)
+    s2.directions = cfg.directions
+    inverter = Inverter.load(source, s2, device="cpu")
     held_out = render(generator, cfg, range(2_000_000, 2_000_004))
     result = inverter.invert(held_out, extra_outputs=("w", "w_plus"))
     edited = inverter.edit(result, [("pc0", 3.0), ("pc1_coarse", 2.0)])
@@ -169,7 +171,7 @@ def run(out: Path, overrides: list[str], stage1_steps: int, stage2_steps: int, n
     if not held_dir.exists():
         write_photos_seeds(generator, cfg, held_dir, range(3_000_000, 3_000_016))
     (held_dir / "broken.png").write_bytes(b"not an image: the errors table shows it")
-    table = invert_to_table(s2, [str(held_dir)], str(store / "latents"), checkpoint)
+    table = invert_to_table(s2, [str(held_dir)], str(store / "latents"), source)
     served = serve_and_edit(s2, checkpoint, cfg.directions, held_dir / "photo_3000000.png", out, keep_up)
     mse = {k: float((v - held_out).pow(2).mean()) for k, v in
            {"G(w)": columns[1], "G(w+)": columns[2], "G(w+,f)": columns[3]}.items()}

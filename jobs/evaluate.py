@@ -1,10 +1,12 @@
 """Evaluate a CLCAE model on test images: the paper's Table 1 (PSNR, SSIM, LPIPS, ID, time, ID after edit).
 
-    python jobs/evaluate.py --config configs/ffhq.yaml --checkpoint runs/ffhq-s2/checkpoint_100000/checkpoint.pt \
+    python jobs/evaluate.py --model clcae-ffhq --config configs/ffhq.yaml \
         --input data/celebahq_test --out eval/ffhq [--limit N] [--batch-size 8] [--edit smile=2.0] [key=value ...]
 
-``--input`` is an image folder or image shards (a Parquet file or folder, local or s3://). Without ``--config``
-the config stored in the checkpoint is used. LPIPS and ID settings come from the config's ``loss`` section
+``--model`` is a registry name, the authors' file, our checkpoint or run directory, or an exported model (its
+architecture comes with it).  ``--input`` is an image folder or image shards (a Parquet file or folder, local or
+s3://). Without ``--config`` the job settings stored in our checkpoint are used (schema defaults for other
+models). LPIPS and ID settings come from the config's ``loss`` section
 (``loss.lpips_pretrained``, ``loss.id_network``, ``loss.id_weights``); the edit's direction from ``directions``.
 Writes OUT/metrics.json, OUT/metrics.md and OUT/per_image.csv, and prints the markdown table.
 """
@@ -19,21 +21,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clcae.config import ConfigError, from_dict, load_config  # noqa: E402
+from clcae.config import ConfigError, load_config  # noqa: E402
 from clcae.data.images import InputError  # noqa: E402
 from clcae.data.shards import ShardError  # noqa: E402
 from clcae.data.storage import StorageError  # noqa: E402
 from clcae.editing import DirectionFileError, EditError  # noqa: E402
 from clcae.evaluation import EvaluationError, evaluate, parse_edit, read_images, to_markdown, write_report  # noqa: E402
-from clcae.inference import Inverter, merge_overrides  # noqa: E402
+from clcae.inference import Inverter  # noqa: E402
 from clcae.metrics import SSIM_WINDOWS  # noqa: E402
-from clcae.weights import WeightsError, read_checkpoint  # noqa: E402
+from clcae.pretrained import prepare  # noqa: E402
+from clcae.weights import WeightsError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="default: the config stored in --checkpoint")
-    parser.add_argument("--checkpoint", default=None, help="our stage-2 checkpoint (default: random init)")
+    parser.add_argument("--config", default=None, help="job settings (default: those stored in --model)")
+    parser.add_argument("--model", "--checkpoint", dest="model", default=None,
+                        help="registry name, the authors' file, our checkpoint or run directory, or an export "
+                             "(default: the config's model with a random encoder)")
     parser.add_argument("--input", required=True, help="image folder or image shards (local or s3://)")
     parser.add_argument("--out", required=True, help="output folder (local or s3://)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate at most N images")
@@ -51,19 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        if args.config is None and args.checkpoint is None:
-            raise EvaluationError("give --config, --checkpoint, or both")
-        if args.config is not None:
-            cfg = load_config(args.config, args.overrides)
+        if args.config is None and args.model is None:
+            raise EvaluationError("give --model, --config, or both")
+        job = load_config(args.config, [] if args.model else args.overrides) if args.config else None
+        source = None
+        if args.model:
+            source, cfg = prepare(args.model, job, args.overrides)
         else:
-            cfg = from_dict(merge_overrides(read_checkpoint(args.checkpoint, kind="inversion")["config"],
-                                            args.overrides))
+            cfg = job
         edits = [parse_edit(spec) for spec in args.edit]
         unknown = [name for name, _ in edits if name not in cfg.directions]
         if unknown:  # before building the model
             raise EditError(f"unknown direction {unknown[0]!r}; known directions: {sorted(cfg.directions)} "
                             "(add it under directions: in the config)")
-        inverter = Inverter.from_config(cfg, args.checkpoint, device=args.device)
+        inverter = (Inverter.load(source, cfg, device=args.device) if source is not None
+                    else Inverter.from_config(cfg, device=args.device))
         result = evaluate(
             inverter, read_images(args.input, cfg.storage), edits,
             id_network=cfg.loss.id_network, id_weights=cfg.loss.id_weights, id_backbone=cfg.loss.id_backbone,

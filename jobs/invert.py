@@ -1,12 +1,16 @@
 """Invert image shards or folders into a Parquet latent table with Ray Data.
 
-    python jobs/invert.py --config configs/ffhq.yaml --checkpoint CKPT --input URI [URI ...] --output URI \
+    python jobs/invert.py --model MODEL --config configs/ffhq.yaml --input URI [URI ...] --output URI \
         [infer.actors=4 infer.use_gpu=true infer.with_f=true ...]
+
+MODEL is a registry name (clcae-ffhq, clcae-car: files in $CLCAE_HOME or ./pretrained), the authors' released
+file, our training checkpoint or run directory, or an exported model (clcae export).  The model brings its
+architecture; --config and the overrides bring the job's settings (infer.*, storage.*, device, directions).
 
 Writes OUT/latents/*.parquet (key, source, w, w_plus[, f][, psnr], model_id) and OUT/errors/*.parquet
 (key, source, error).  Prints and returns the counts: inputs == skipped + written + errors.  Re-running with
-the same output skips what is done (and resumes an interrupted run).  Without --checkpoint the model comes
-from the config (a random-init encoder: only useful for testing the pipeline).
+the same output skips what is done (and resumes an interrupted run).  Without --model the model comes from
+the config (a random-init encoder: only useful for testing the pipeline).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clcae.batch import invert_to_table  # noqa: E402
 from clcae.config import ConfigError, load_config  # noqa: E402
+from clcae.pretrained import prepare  # noqa: E402
 from clcae.train.runtime import init_ray  # noqa: E402
+from clcae.weights import WeightsError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,26 +35,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", default="configs/tiny.yaml")
-    parser.add_argument("--checkpoint", default=None, help="our stage-2 checkpoint (checkpoint.pt)")
+    parser.add_argument("--model", "--checkpoint", dest="model", default=None,
+                        help="registry name, the authors' file, our checkpoint or run directory, or an export")
     parser.add_argument("--input", nargs="+", required=True, help="shard folders/files or image folders")
     parser.add_argument("--output", required=True, help="output folder URI")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_intermixed_args(argv)
+    source = None
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        cfg = load_config(args.config, [] if args.model else args.overrides)
+        if args.model:
+            source, cfg = prepare(args.model, cfg, args.overrides)
+    except (ConfigError, WeightsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.checkpoint:
-        from clcae.config import from_dict, to_dict
-        from clcae.weights import read_checkpoint
-
-        # the model's architecture comes from its checkpoint; the job's settings from the command line
-        stored = read_checkpoint(args.checkpoint, kind="inversion")["config"]
-        mine = to_dict(cfg)
-        cfg = from_dict({**stored, **{k: mine[k] for k in ("infer", "storage", "device")}})
     init_ray()
-    summary = invert_to_table(cfg, args.input, args.output, args.checkpoint)
+    summary = invert_to_table(cfg, args.input, args.output, source)
     print(json.dumps(summary, indent=2))
     return 0 if summary["inputs"] == summary["skipped"] + summary["written"] + summary["errors"] else 1
 

@@ -1,5 +1,7 @@
-"""Serve entry point: `serve run serve.app:build_app config=configs/tiny.yaml [checkpoint=...]`, `serve run
-serve/config.yaml`, or `python serve/app.py --config ... [--checkpoint ...]` (starts Serve on serve.host:port).
+"""Serve entry point: `serve run serve.app:build_app config=configs/tiny.yaml [model=...]`, `serve run
+serve/config.yaml`, or `python serve/app.py --config ... [--model ...]` (starts Serve on serve.host:port).
+
+The model is a registry name (clcae-ffhq), the authors' file, our checkpoint or run directory, or an export.
 
 The deployments live in clcae/serving.py; this file only reads the config and the web page.
 """
@@ -25,24 +27,25 @@ def page() -> str:
 
 
 def build_app(args: dict[str, str]):
-    """Application builder for `serve run` / `serve deploy`: args config=..., checkpoint=..., and any other
-    key=value pair is a config override (e.g. serve.max_replicas=4)."""
+    """Application builder for `serve run` / `serve deploy`: args config=..., model=... (or checkpoint=...), and
+    any other key=value pair is a config override (e.g. serve.max_replicas=4)."""
     args = dict(args)
     cfg_path = args.pop("config", str(ROOT / "configs" / "tiny.yaml"))
-    checkpoint = args.pop("checkpoint", None)
+    model = args.pop("model", None) or args.pop("checkpoint", None)
     overrides = [f"{k}={v}" for k, v in args.items()]
-    if checkpoint:
-        overrides.append(f"serve.checkpoint={checkpoint}")
+    if model:
+        overrides.append(f"serve.model={model}")
     return build(load_config(cfg_path, overrides), page())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
-    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--model", "--checkpoint", dest="model", default=None,
+                        help="registry name, the authors' file, our checkpoint or run directory, or an export")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
-    overrides = list(args.overrides) + ([f"serve.checkpoint={args.checkpoint}"] if args.checkpoint else [])
+    overrides = list(args.overrides) + ([f"serve.model={args.model}"] if args.model else [])
     cfg = load_config(args.config, overrides)
     from clcae.train.runtime import init_ray
 

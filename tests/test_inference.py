@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clcae.config import DirectionConfig, load_config, to_dict
+from clcae.config import ConfigError, DirectionConfig, load_config, to_dict
 from clcae.data.images import InputError, decode_image
 from clcae.editing import EditError, save_interfacegan
 from clcae.factory import build_clcae
@@ -75,12 +75,14 @@ def test_edit_errors_name_the_problem(inverter):
 def test_checkpoint_round_trip_gives_the_same_inversion(inverter, tmp_path):
     cfg = load_config("configs/tiny.yaml")
     save_checkpoint(tmp_path / "c.pt", "inversion", inverter.model, to_dict(cfg), model_id="tiny@1")
-    other = Inverter.from_checkpoint(str(tmp_path / "c.pt"), device="cpu")
+    other = Inverter.from_pretrained(str(tmp_path / "c.pt"), device="cpu")
     assert other.model_id == "tiny@1"
     x = [photo()]
     assert torch.equal(other.invert(x).image, inverter.invert(x).image)
-    tweaked = Inverter.from_checkpoint(str(tmp_path / "c.pt"), ["model.attention_dropout=0.0"], device="cpu")
+    tweaked = Inverter.from_pretrained(str(tmp_path / "c.pt"), overrides=["infer.batch_size=2"], device="cpu")
     assert torch.equal(tweaked.invert(x).image, inverter.invert(x).image)
+    with pytest.raises(ConfigError, match="model.attention_dropout is part of the model's architecture"):
+        Inverter.from_pretrained(str(tmp_path / "c.pt"), overrides=["model.attention_dropout=0.0"])
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16"])

@@ -64,7 +64,7 @@ def test_both_stages_train_checkpoint_and_feed_the_inverter(ray_cluster, pairs, 
     assert r2.metrics["step"] == 4 and "align" in r2.metrics and "lpips/f" in r2.metrics
     run = tmp_path / "runs" / "s2"
     assert (run / "samples" / "step_000002.png").exists() and (run / "samples" / "step_000004.png").exists()
-    inv = Inverter.from_checkpoint(str(run / "checkpoint_000004" / "checkpoint.pt"), device="cpu")
+    inv = Inverter.from_pretrained(str(run / "checkpoint_000004" / "checkpoint.pt"), device="cpu")
     assert inv.model_id == "s2@4"
     assert inv.invert(torch.zeros(1, 3, 64, 64)).image.shape == (1, 3, 64, 64)
 

@@ -7,6 +7,13 @@ and there is no G(w+, f).  The three reconstructions share the generator prefix 
 
 State-dict layout equals the authors' ``AFPSP`` (``encoder.*`` + ``decoder.*``) plus our ``latent_avg``
 buffer, which their checkpoints lack (they re-read it from the generator file on every load).
+
+Input centring: the encoder sees ``x - x_avg``, where ``x_avg`` = G(latent_avg) at the input size (or the
+authors' ``image_avg.png``), exactly as the authors' ``AFPSP.forward`` does (``self.encoder(x - x_avg)``) and as
+the contrastive image encoder does.  ``center_input=False`` is the convention of checkpoints trained before this
+was matched; they keep it so their outputs do not change.  ``x_avg`` is a function of the generator and
+``latent_avg`` (or of a file), so it is not part of the state_dict: loaders call :meth:`CLCAE.set_average_image`
+once the weights are in place.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ def crop_and_pool(images: torch.Tensor, crop: tuple[int, int, int, int] | None, 
 
 class CLCAE(nn.Module):
     def __init__(self, encoder: CLCAEEncoder | PSPEncoder, decoder: Generator, latent_avg: torch.Tensor | None = None,
-                 crop: tuple[int, int, int, int] | None = None):
+                 crop: tuple[int, int, int, int] | None = None, center_input: bool = True):
         super().__init__()
         if encoder.n_latent != decoder.n_latent or encoder.style_dim != decoder.style_dim:
             raise ValueError(f"encoder predicts {encoder.n_latent}x{encoder.style_dim} latents but the generator "
@@ -62,6 +69,10 @@ class CLCAE(nn.Module):
             latent_avg = torch.zeros(decoder.style_dim)
         self.register_buffer("latent_avg", latent_avg.detach().reshape(decoder.style_dim).clone())
         self.crop = tuple(crop) if crop is not None else None
+        self.center_input = center_input
+        h, w = encoder.input_size
+        # Not persistent: derived from the generator and latent_avg (or read from a file) by set_average_image.
+        self.register_buffer("x_avg", torch.zeros(1, 3, h, w), persistent=False)
         # what forward() renders by default: every reconstruction this encoder has
         self.outputs = OUTPUTS if encoder.has_feature else ("w", "w_plus")
 
@@ -74,16 +85,37 @@ class CLCAE(nn.Module):
     def to_input_resolution(self, images: torch.Tensor) -> torch.Tensor:
         return crop_and_pool(images, self.crop, self.encoder.input_size)
 
+    @torch.no_grad()
+    def average_image(self) -> torch.Tensor:
+        """G(latent_avg) at the encoder's input resolution, (1, 3, H, W) (the authors' ``image_avg.png``)."""
+        g = self.decoder
+        return self.to_input_resolution(g.synthesis(g.broadcast(self.latent_avg[None])))
+
+    @torch.no_grad()
+    def set_average_image(self, image: torch.Tensor | None = None) -> None:
+        """Set x_avg: ``image`` (e.g. the authors' average-image file at the input size), else G(latent_avg)."""
+        image = self.average_image() if image is None else image
+        if tuple(image.shape[-3:]) != tuple(self.x_avg.shape[-3:]):
+            raise ValueError(f"average image has shape {tuple(image.shape)}; the encoder input needs "
+                             f"(1, 3, {self.x_avg.shape[-2]}, {self.x_avg.shape[-1]})")
+        self.x_avg.copy_(image.reshape(self.x_avg.shape))
+
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the encoder sees: ``x - x_avg`` (the authors' convention), or ``x`` for older checkpoints."""
+        self.encoder.check_input(x)
+        return x - self.x_avg if self.center_input else x
+
     def latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, EncoderOutput]:
         """Absolute w (B, D), w+ (B, N, D), f (None without an F branch) and the encoder intermediates."""
-        w_off, w_plus_off, f, feats = self.encoder(x)
+        w_off, w_plus_off, f, feats = self.encoder(self.encoder_input(x))
         return self.latent_avg + w_off, self.latent_avg + w_plus_off, f, feats
 
     def heads(self, w_offset: torch.Tensor, deltas: torch.Tensor, t3: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Re-run the cross-attention blocks for a (possibly edited) w offset: absolute (w, w+, f or None).
 
-        Editing in W happens here, before the blocks, so w+ and f follow the edit (the authors' scheme).
+        Editing in W happens here, before the blocks, so w+ and f follow the edit, and the edited w is also
+        block 0's key/value (the authors' ``_forward_to_latent`` with ``edit_offset``).
         """
         w_plus = self.latent_avg + self.encoder.w_plus_offset(w_offset, deltas)
         f = self.encoder.feature(t3, w_offset) if t3 is not None else None

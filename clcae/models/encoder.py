@@ -196,7 +196,10 @@ class CLCAEEncoder(WEncoder):
             res[:, 0] = 0
             return w_off[:, None] + res
         q = w_off[:, None]
-        refined = [attn(q, deltas[:, i:i + 1])[:, 0] for i, attn in enumerate(self.cross_attention)]
+        # Block 0's key/value is w itself (the authors' latents[0]); taking it from ``w_off`` rather than
+        # ``deltas[:, 0]`` makes an edited w reach block 0 too, as in the authors' edit path.
+        memory = torch.cat([q, deltas[:, 1:]], dim=1)
+        refined = [attn(q, memory[:, i:i + 1])[:, 0] for i, attn in enumerate(self.cross_attention)]
         return w_off[:, None] + torch.stack(refined, dim=1)
 
     def feature(self, t3: torch.Tensor, w_off: torch.Tensor) -> torch.Tensor | None:

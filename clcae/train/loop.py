@@ -32,14 +32,16 @@ class TrainSetupError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------- building a stage
-def build_stage(cfg: CLCAEConfig, stage: str, stage1: str | None, resuming: bool):
-    """The step object of a stage, with its models built (generator, encoder, frozen stage-1 module)."""
-    from clcae.factory import average_image, build_aligner, build_clcae, build_generator
+def build_stage(cfg: CLCAEConfig, stage: str, stage1: str | None, resuming: bool,
+                init_from: dict[str, Any] | None = None):
+    """The step object of a stage, with its models built (generator, encoder, frozen stage-1 module).
+    ``init_from``: ``{"source", "config"}`` from :func:`init_source` (stage 2 fine-tuning a trained model)."""
+    from clcae.factory import build_aligner, build_clcae, build_generator
     from clcae.train.steps import ContrastiveStep, InversionStep
 
     generator, latent_avg = build_generator(cfg)
     model = build_clcae(cfg, generator, latent_avg, load_pretrained=not resuming)
-    x_avg = average_image(model)
+    x_avg = model.x_avg
     if stage == "contrastive":
         aligner = build_aligner(cfg, x_avg, latent_avg)
         if not resuming and cfg.encoder.pretrained:
@@ -50,11 +52,49 @@ def build_stage(cfg: CLCAEConfig, stage: str, stage1: str | None, resuming: bool
     aligner = None
     if stage1 is not None:
         aligner = load_stage1(cfg, stage1, x_avg, latent_avg)
-        if not resuming:
-            from clcae.weights import init_encoder_from_contrastive
+    elif cfg.model.use_align and cfg.loss.align > 0 and cfg.contrastive.official_image:
+        from clcae.weights import load_official_contrastive
 
-            init_encoder_from_contrastive(aligner, model)
+        # the authors' released stage-1 pair (best_model_image.pt + best_model_latent.pt)
+        aligner = build_aligner(cfg, x_avg, latent_avg)
+        load_official_contrastive(cfg.contrastive.official_image, cfg.contrastive.official_latent, aligner)
+    if aligner is not None and not resuming:
+        from clcae.weights import init_encoder_from_contrastive
+
+        init_encoder_from_contrastive(aligner, model)
+    if init_from is not None and not resuming:
+        from clcae.config import from_dict as _from_dict
+        from clcae.pretrained import load
+
+        trained = load(init_from["source"], _from_dict(init_from["config"]))
+        model.encoder.load_state_dict(trained.encoder.state_dict())
     return InversionStep(cfg, model, aligner)
+
+
+# what must agree between a run's config and the model it fine-tunes (``train.init_from``)
+_ARCHITECTURE_KEYS = {
+    "generator": ("size", "style_dim", "n_mlp", "channel_multiplier", "channel_max", "crop"),
+    "encoder": ("backbone", "input_size"),
+    "model": ("variant", "w_attention", "f_attention", "feature", "center_input", "attention_heads",
+              "attention_ffn", "attention_tokens"),
+}
+
+
+def init_source(cfg: CLCAEConfig) -> dict[str, Any] | None:
+    """Driver side of ``train.init_from``: resolve the model once (a missing file or an architecture that does
+    not match this run fails here, before any worker starts) and hand the workers what they need to load it."""
+    if not cfg.train.init_from:
+        return None
+    from clcae.pretrained import prepare
+
+    source, model_cfg = prepare(cfg.train.init_from, cfg)
+    differ = [f"{sec}.{k}: model {getattr(getattr(model_cfg, sec), k)!r}, run {getattr(getattr(cfg, sec), k)!r}"
+              for sec, keys in _ARCHITECTURE_KEYS.items() for k in keys
+              if getattr(getattr(model_cfg, sec), k) != getattr(getattr(cfg, sec), k)]
+    if differ:
+        raise TrainSetupError(f"train.init_from = {cfg.train.init_from}: its architecture differs from this run's "
+                              "config; set these in the config to the model's values:\n  " + "\n  ".join(differ))
+    return {"source": source, "config": to_dict(model_cfg)}
 
 
 def load_stage1(cfg: CLCAEConfig, uri: str, x_avg: torch.Tensor, latent_avg: torch.Tensor):
@@ -72,6 +112,8 @@ def stage1_source(cfg: CLCAEConfig) -> str | None:
     if not (cfg.model.use_align and cfg.loss.align > 0):
         return None
     uri = cfg.contrastive.checkpoint
+    if not uri and cfg.contrastive.official_image:
+        return None  # the authors' pair, loaded by build_stage
     if not uri:
         raise TrainSetupError("stage 2 needs the stage-1 contrastive module for L_align: set contrastive.checkpoint "
                               "to a stage-1 checkpoint (a checkpoint.pt or its run directory), or turn L_align off "
@@ -167,7 +209,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     torch.manual_seed(cfg.seed + rank)
 
     ckpt = ray.train.get_checkpoint()
-    step_obj = build_stage(cfg, stage, loop_config.get("stage1"), resuming=ckpt is not None).to(device)
+    step_obj = build_stage(cfg, stage, loop_config.get("stage1"), resuming=ckpt is not None,
+                           init_from=loop_config.get("init_from")).to(device)
     step = _restore(step_obj, ckpt, device) if ckpt is not None else 0
     if ckpt is not None:
         log.info("rank %d resumed %s at step %d", rank, run_name, step)
@@ -256,6 +299,12 @@ def fit(cfg: CLCAEConfig, stage: str, run_name: str, faults: Faults | None = Non
         from clcae.weights import read_checkpoint
 
         read_checkpoint(stage1, kind="contrastive")  # fail here, not in every worker
+    if stage == "inversion" and stage1 is None and cfg.contrastive.official_image:
+        from clcae.weights import read_state
+
+        for key in ("official_image", "official_latent"):  # fail here, not in every worker
+            read_state(getattr(cfg.contrastive, key), source=f"contrastive.{key}")
+    init_from = init_source(cfg) if stage == "inversion" else None
     dataset = build_dataset(cfg, stage)
     uri = run_uri(cfg, run_name)
     check_access(cfg.train.storage_path, cfg.storage, write=True)
@@ -266,7 +315,7 @@ def fit(cfg: CLCAEConfig, stage: str, run_name: str, faults: Faults | None = Non
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "stage": stage, "run_name": run_name, "run_uri": uri,
-                           "stage1": stage1, "faults": vars(faults) if faults else {}},
+                           "stage1": stage1, "init_from": init_from, "faults": vars(faults) if faults else {}},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
