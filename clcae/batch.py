@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from clcae.config import CLCAEConfig, from_dict, n_latent, to_dict
 from clcae.data import storage as st
+from clcae.data.images import MIN_IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +109,11 @@ def plan_inputs(uris: Iterable[str], out_uri: str, cfg: CLCAEConfig) -> Inputs:
 
 # --------------------------------------------------------------------------------------------- stages
 def decode_rows(batch: dict[str, np.ndarray], size: tuple[int, int], skip: dict[str, list[str]] | None = None,
-                min_size: int = 16) -> dict[str, np.ndarray]:
+                min_size: int = MIN_IMAGE_SIZE) -> dict[str, np.ndarray]:
     """key/source/image bytes -> key/source/pixels (B, H, W, 3) uint8 at the input size, error ('' if fine)."""
     from PIL import Image
 
-    from clcae.data.images import InputError, decode_image
+    from clcae.data.images import InputError, decode_input_image
 
     keys, sources, images = batch["key"], batch["source"], batch["image"]
     read_errors = batch["error"] if "error" in batch else [""] * len(keys)
@@ -126,9 +127,7 @@ def decode_rows(batch: dict[str, np.ndarray], size: tuple[int, int], skip: dict[
         try:
             if error:
                 raise InputError(error)
-            im = decode_image(bytes(data))
-            if min(im.size) < min_size:
-                raise InputError(f"image is {im.width}x{im.height}: smaller than {min_size} px on a side")
+            im = decode_input_image(bytes(data), min_size)
             arr = np.asarray(im.resize((w, h), Image.Resampling.BICUBIC) if im.size != (w, h) else im, np.uint8)
         except InputError as exc:
             error = str(exc)

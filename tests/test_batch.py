@@ -167,3 +167,25 @@ def test_interrupted_run_resumes_only_missing_rows_of_a_partly_done_shard(ray_cl
     assert again["written"] == len(lost) and again["skipped"] == 20 - len(lost)
     keys = read_table(out, c).column("key").to_pylist()
     assert sorted(keys) == [f"k{i:02d}" for i in range(20)]
+
+
+def test_one_minimum_image_size_for_every_front_door():
+    """The batch job and evaluate accept and refuse the same images: one minimum, defined once."""
+    from clcae.batch import decode_rows
+    from clcae.data.images import MIN_IMAGE_SIZE, InputError, check_min_size, decode_input_image
+    from clcae.evaluation import _decoded_batches
+
+    small, ok = png(0, (MIN_IMAGE_SIZE - 1, 40)), png(1, (40, MIN_IMAGE_SIZE))
+    with pytest.raises(InputError, match=f"minimum of {MIN_IMAGE_SIZE} pixels"):
+        decode_input_image(small)
+    assert decode_input_image(ok).size == (40, MIN_IMAGE_SIZE)
+    with pytest.raises(InputError):
+        check_min_size(Image.new("RGB", (MIN_IMAGE_SIZE, MIN_IMAGE_SIZE - 1)))
+    batch = {"key": np.asarray(["small", "ok"], object), "source": np.asarray(["s", "o"], object),
+             "image": np.asarray([small, ok], object)}
+    rows = decode_rows(batch, (64, 64))
+    assert "minimum of" in rows["error"][0] and rows["error"][1] == ""
+    errors: list[dict[str, str]] = []
+    evaluated = [k for keys, _ in _decoded_batches([("small", small), ("ok", ok)], 8, None, errors) for k in keys]
+    assert evaluated == ["ok"] and errors[0]["key"] == "small" and "minimum of" in errors[0]["error"]
+
