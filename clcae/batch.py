@@ -9,9 +9,10 @@
 
 Layout of ``OUT``: ``latents/`` (key, source, w, w_plus[, f][, psnr], model_id) with fixed-size list columns any
 Parquet reader understands, zstd; ``errors/`` (key, source, error).  Every input row ends in exactly one of
-them: inputs == latents + errors.  A re-run reads the keys already written and skips them, so it resumes an
-interrupted run and never duplicates a key; part files are named by a hash of their keys, so a retried
-write task replaces its own file instead of adding a second copy.
+them: inputs == latents + errors.  Keys are unique across the inputs (one input: paths relative to it; several:
+prefixed by each input's path from their common folder, :func:`key_prefixes`).  A re-run reads the keys already
+written and skips them, so it resumes an interrupted run and never duplicates a key; part files are named by a
+hash of their keys, so a retried write task replaces its own file instead of adding a second copy.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import posixpath
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 import numpy as np
@@ -52,6 +55,11 @@ def latent_schema(style_dim: int, n_latent: int, feature_size: int | None = None
 
 
 # --------------------------------------------------------------------------------------------- inputs
+class BatchInputError(ValueError):
+    """Inputs the job refuses before anything starts (overlapping inputs, a folder of both images and Parquet
+    files, an input inside the output, a key twice); the message names what was found and how to fix it."""
+
+
 @dataclass
 class Inputs:
     shard_files: list[str]
@@ -59,6 +67,7 @@ class Inputs:
     partial: dict[str, list[str]]       # shard file -> keys already done in it (only partly done files)
     total: int                          # rows in the input (done ones included)
     skipped: int                        # rows already in the output
+    shard_prefix: dict[str, str] = dataclass_field(default_factory=dict)  # shard file -> prefix of its keys ('' = none)
 
 
 def done_keys(out_uri: str, cfg: CLCAEConfig) -> set[str]:
@@ -72,39 +81,122 @@ def done_keys(out_uri: str, cfg: CLCAEConfig) -> set[str]:
     return keys
 
 
+def _location(uri: str, storage) -> tuple[str, str]:
+    """(protocol, path without protocol or trailing slash): what decides whether two URIs overlap."""
+    return st.protocol(uri), st.filesystem(uri, storage)[1].rstrip("/") or "/"
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def key_prefixes(uris: list[str], storage=None) -> dict[str, str]:
+    """Input URI -> the prefix of its rows' keys.
+
+    One input: no prefix, so its keys are the files' paths relative to it (or its shards' keys), as they always
+    were, and existing tables resume. Several inputs: each input's path relative to the inputs' common parent
+    folder (``--input data/a data/b`` -> ``a/...`` and ``b/...``), so equal file names or shard keys in two inputs
+    stay two keys, and the keys do not depend on the order of ``--input``. Overlapping inputs (one inside
+    another, or one given twice) would make the same file two rows: refused.
+    """
+    if len(uris) == 1:
+        return {uris[0]: ""}
+    locations = [_location(u, storage) for u in uris]
+    for i, (proto_a, a) in enumerate(locations):
+        for j, (proto_b, b) in enumerate(locations[i + 1:], i + 1):
+            if proto_a == proto_b and (_inside(a, b) or _inside(b, a)):
+                inner, outer = (uris[i], uris[j]) if _inside(a, b) else (uris[j], uris[i])
+                raise BatchInputError(f"inputs overlap: {inner} is {'the same as' if a == b else 'inside'} {outer}, "
+                                      "so its files would be inverted twice; give each folder once")
+    if len({proto for proto, _ in locations}) > 1:  # no common folder across storages: the whole location
+        return {u: f"{proto}/{path.lstrip('/')}" for u, (proto, path) in zip(uris, locations)}
+    common = posixpath.commonpath([path for _, path in locations])
+    return {u: path[len(common):].lstrip("/") for u, (_, path) in zip(uris, locations)}
+
+
 def plan_inputs(uris: Iterable[str], out_uri: str, cfg: CLCAEConfig) -> Inputs:
-    """Expand input URIs into shard files and image files, minus what the output already holds."""
+    """Expand input URIs into shard files and image files, minus what the output already holds.
+
+    Keys are unique across all inputs (see :func:`key_prefixes`); a folder holding both images and Parquet
+    files, an input inside the output, or a key found twice is a BatchInputError before anything runs. Files
+    under the output folder are never inputs, so the output may live inside an input folder.
+    """
+    from fsspec.core import split_protocol
+
     from clcae.data.shards import validate_shards
 
+    uris = list(uris)
+    prefixes = key_prefixes(uris, cfg.storage)
+    out_proto, out_path = _location(out_uri, cfg.storage)
     done = done_keys(out_uri, cfg)
-    shard_files, images, partial, total, skipped = [], [], {}, 0, 0
+    shard_files, images, partial, shard_prefix, total, skipped = [], [], {}, {}, 0, 0
+    seen: dict[str, str] = {}  # key -> where it came from: a key twice is refused, never written twice
+
+    def add(key: str, source: str) -> bool:
+        """Count one input row; True when it still has to be done."""
+        nonlocal total, skipped
+        if key in seen:
+            raise BatchInputError(f"key {key!r} is in {seen[key]} and in {source}: keys must be unique across "
+                                  "the job's inputs (rewrite one shard set with other keys, or invert them into "
+                                  "separate outputs)")
+        seen[key] = source
+        total += 1
+        if key in done:
+            skipped += 1
+            return False
+        return True
+
     for uri in uris:
-        parquet = st.list_files(uri, cfg.storage, suffix=".parquet") if not uri.endswith(".parquet") else [uri]
+        proto, path = _location(uri, cfg.storage)
+        if proto == out_proto and _inside(path, out_path):
+            raise BatchInputError(f"input {uri} is inside the output folder {out_uri}: the job would read its own "
+                                  "output; write the output somewhere else")
+        found = st.list_files(uri, cfg.storage, suffix="")
+        is_dir = found != [uri]
+        if proto == out_proto and _inside(out_path, path):
+            # The output inside this input (e.g. --input data --output data/latents): its Parquet files are the
+            # job's own output, not shards, and must not be read back on a re-run.
+            kept = [u for u in found if not _inside(split_protocol(u)[1], out_path)]
+            if len(kept) < len(found):
+                log.info("%s: not reading the %d file(s) of the output folder %s", uri, len(found) - len(kept),
+                         out_uri)
+            found = kept
+        parquet = [u for u in found if u.lower().endswith(".parquet")]
+        image_uris = [u for u in found if u.lower().endswith(IMAGE_SUFFIXES)]
+        if parquet and image_uris:
+            raise BatchInputError(
+                f"{uri} holds {len(image_uris)} image file(s) (e.g. {image_uris[0]}) and {len(parquet)} Parquet "
+                f"file(s) (e.g. {parquet[0]}): an input is either image shards or images, never both. Move the "
+                "Parquet file(s) out of the folder, or give the shards and the images as separate --input URIs "
+                "(a shard folder or file, and an image folder or the image files)")
+        if len(parquet) + len(image_uris) < len(found):
+            log.info("%s: skipping %d file(s) that are neither images %s nor Parquet shards", uri,
+                     len(found) - len(parquet) - len(image_uris), IMAGE_SUFFIXES)
+        prefix = prefixes[uri]
         if parquet:
             for f in validate_shards(parquet, cfg.storage):
-                fs, path = st.filesystem(f, cfg.storage)
-                with fs.open(path, "rb") as fh:
+                fs, fpath = st.filesystem(f, cfg.storage)
+                with fs.open(fpath, "rb") as fh:
                     keys = pq.read_table(fh, columns=["key"]).column("key").to_pylist()
-                total += len(keys)
-                already = [k for k in keys if k in done]
-                skipped += len(already)
-                if len(already) < len(keys):
+                keys = [f"{prefix}/{k}" if prefix else k for k in keys]
+                todo = [add(k, f) for k in keys]
+                if any(todo):
                     shard_files.append(f)
-                    if already:
-                        partial[f] = already
+                    shard_prefix[f] = prefix
+                    if not all(todo):
+                        partial[f] = [k for k, t in zip(keys, todo) if not t]
             continue
-        found = [u for u in st.list_files(uri, cfg.storage, suffix="") if u.lower().endswith(IMAGE_SUFFIXES)]
-        if not found:
+        if not image_uris:
             raise st.StorageError(f"no Parquet shards or images found at {uri}")
-        base = uri.rstrip("/") + "/"
-        for u in found:
-            key = u[len(base):] if u.startswith(base) else u.rsplit("/", 1)[-1]
-            total += 1
-            if key in done:
-                skipped += 1
-            else:
+        for u in image_uris:
+            if is_dir:
+                rel = split_protocol(u)[1][len(path) + 1:]
+                key = f"{prefix}/{rel}" if prefix else rel
+            else:  # a file given as the input: its name, or its path from the inputs' common folder
+                key = prefix or posixpath.basename(split_protocol(u)[1])
+            if add(key, u):
                 images.append((u, key))
-    return Inputs(shard_files, images, partial, total, skipped)
+    return Inputs(shard_files, images, partial, total, skipped, shard_prefix)
 
 
 # --------------------------------------------------------------------------------------------- stages
@@ -281,8 +373,9 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, checkpoin
         from clcae.data.shards import read_shards
 
         ds = read_shards(plan.shard_files, cfg.storage, columns=["key", "image"], include_paths=True)
-        uris = {st.filesystem(f, cfg.storage)[1]: f for f in plan.shard_files}
-        datasets.append(ds.map_batches(_shard_rows, fn_kwargs={"uris": uris}, batch_format="numpy"))
+        # Ray Data reports the protocol-less path of each row's file: map it back to the URI and the key prefix
+        files = {st.filesystem(f, cfg.storage)[1]: (f, plan.shard_prefix.get(f, "")) for f in plan.shard_files}
+        datasets.append(ds.map_batches(_shard_rows, fn_kwargs={"files": files}, batch_format="numpy"))
     if plan.image_files:
         # Files are read inside the pipeline, one by one, so an unreadable file is one error row, not a
         # failed read task.
@@ -314,9 +407,11 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, checkpoin
     return summary
 
 
-def _shard_rows(batch: dict[str, np.ndarray], uris: dict[str, str]) -> dict[str, np.ndarray]:
-    sources = np.asarray([uris.get(str(p), str(p)) for p in batch["path"]], dtype=object)
-    return {"key": batch["key"], "source": sources, "image": batch["image"]}
+def _shard_rows(batch: dict[str, np.ndarray], files: dict[str, tuple[str, str]]) -> dict[str, np.ndarray]:
+    found = [files.get(str(p), (str(p), "")) for p in batch["path"]]
+    keys = np.asarray([f"{prefix}/{k}" if prefix else str(k) for k, (_, prefix) in zip(batch["key"], found)],
+                      dtype=object)
+    return {"key": keys, "source": np.asarray([uri for uri, _ in found], dtype=object), "image": batch["image"]}
 
 
 def _read_files(batch: dict[str, np.ndarray], storage) -> dict[str, np.ndarray]:

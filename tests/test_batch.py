@@ -189,3 +189,73 @@ def test_one_minimum_image_size_for_every_front_door():
     evaluated = [k for keys, _ in _decoded_batches([("small", small), ("ok", ok)], 8, None, errors) for k in keys]
     assert evaluated == ["ok"] and errors[0]["key"] == "small" and "minimum of" in errors[0]["error"]
 
+
+def shard_folder(folder: Path, keys: list[str], storage=None) -> None:
+    with ShardWriter(str(folder), storage, rows_per_shard=len(keys)) as writer:
+        for i, key in enumerate(keys):
+            writer.write({"key": key, "image": png(100 + i), "height": 40, "width": 48})
+
+
+def test_inputs_holding_the_same_names_get_distinct_stable_keys(ray_cluster, tmp_path):
+    """--input dirA dirB with the same file names (and two shard sets with the same keys): every input row gets
+    its own key, and a re-run (in any input order) finds every one of them done."""
+    data = tmp_path / "data"
+    for name in ("dirA", "dirB"):
+        image_folder(data / name, 4, corrupt=set())
+    for name in ("shardsA", "shardsB"):
+        shard_folder(data / name, ["k0", "k1", "k2"])
+    inputs = [str(data / n) for n in ("dirA", "dirB", "shardsA", "shardsB")]
+    out, c = str(tmp_path / "out"), cfg()
+    first = invert_to_table(c, inputs, out)
+    assert (first["inputs"], first["written"], first["errors"], first["skipped"]) == (14, 14, 0, 0)
+    table = read_table(out, c)
+    keys = table.column("key").to_pylist()
+    assert len(set(keys)) == 14
+    assert {"dirA/img_000.png", "dirB/img_000.png", "dirA/sub/img_001.png", "shardsA/k0", "shardsB/k0"} <= set(keys)
+    by_key = dict(zip(keys, table.column("source").to_pylist()))
+    assert by_key["dirB/img_000.png"] == str(data / "dirB" / "img_000.png")
+    again = invert_to_table(c, inputs[::-1], out)
+    assert (again["inputs"], again["skipped"], again["written"]) == (14, 14, 0)
+    # a file arriving in dirB under a name dirA already has is new work, not "skipped"
+    (data / "dirB" / "late.png").write_bytes(png(99))
+    (data / "dirA" / "late.png").write_bytes(png(98))
+    third = invert_to_table(c, inputs[:1], str(tmp_path / "out_a"))  # one input: keys as before, unprefixed
+    assert "late.png" in read_table(str(tmp_path / "out_a"), c).column("key").to_pylist()
+    assert third["written"] == 5
+    fourth = invert_to_table(c, inputs, out)
+    assert (fourth["written"], fourth["skipped"]) == (2, 14)
+
+
+def test_planning_refuses_mixed_folders_overlapping_inputs_and_an_input_inside_the_output(tmp_path):
+    from clcae.batch import BatchInputError, plan_inputs
+
+    c = cfg()
+    mixed = tmp_path / "mixed"
+    image_folder(mixed, 3, corrupt=set())
+    shard_folder(mixed / "shards", ["k0"])
+    with pytest.raises(BatchInputError, match=r"3 image file\(s\).*1 Parquet file\(s\)") as info:
+        plan_inputs([str(mixed)], str(tmp_path / "out"), c)
+    assert "shard-00000.parquet" in str(info.value) and "--input" in str(info.value)
+    data = tmp_path / "data"
+    image_folder(data / "a", 2, corrupt=set())
+    with pytest.raises(BatchInputError, match="overlap"):
+        plan_inputs([str(data), str(data / "a")], str(tmp_path / "out"), c)
+    with pytest.raises(BatchInputError, match="overlap"):
+        plan_inputs([str(data / "a"), str(data / "a")], str(tmp_path / "out"), c)
+    with pytest.raises(BatchInputError, match="inside the output"):
+        plan_inputs([str(data / "a")], str(data), c)
+    # an output folder inside the input folder (latents written there by an earlier run) is not input
+    (data / "a" / "out" / "latents").mkdir(parents=True)
+    pq.write_table(pa.table({"key": ["x"]}), data / "a" / "out" / "latents" / "part-0.parquet")
+    plan = plan_inputs([str(data / "a")], str(data / "a" / "out"), c)
+    assert sorted(k for _, k in plan.image_files) == ["img_000.png", "sub/img_001.png"] and not plan.shard_files
+
+
+def test_output_folder_inside_the_input_folder_is_not_read_as_input(ray_cluster, tmp_path):
+    folder = tmp_path / "in"
+    image_folder(folder, 4, corrupt={2})
+    out, c = str(folder / "latents_out"), cfg()
+    first = invert_to_table(c, [str(folder)], out)
+    assert (first["inputs"], first["written"], first["errors"]) == (4, 3, 1)
+    again = invert_to_table(c, [str(folder)], out)  # was: ShardError, the job's own output taken for shards
+    assert (again["inputs"], again["skipped"], again["written"], again["errors"]) == (4, 4, 0, 0)
