@@ -259,3 +259,109 @@ def test_output_folder_inside_the_input_folder_is_not_read_as_input(ray_cluster,
     assert (first["inputs"], first["written"], first["errors"]) == (4, 3, 1)
     again = invert_to_table(c, [str(folder)], out)  # was: ShardError, the job's own output taken for shards
     assert (again["inputs"], again["skipped"], again["written"], again["errors"]) == (4, 4, 0, 0)
+
+
+def test_transient_failures_are_retried_never_written_as_error_rows(ray_cluster, tmp_path):
+    """A storage timeout, an out-of-memory error and a dead inversion actor during one job: each is retried and
+    every image ends in the latent table, not in an error row that every re-run would skip."""
+    from clcae.batch import BatchFaults
+
+    image_folder(tmp_path / "in", 12, corrupt=set())
+    markers = {name: tmp_path / name for name in ("timeout", "oom", "die")}
+    faults = BatchFaults(read_timeout_marker=str(markers["timeout"]), oom_marker=str(markers["oom"]),
+                         die_marker=str(markers["die"]))
+    out, c = str(tmp_path / "out"), cfg()
+    summary = invert_to_table(c, [str(tmp_path / "in")], out, faults=faults)
+    assert all(m.exists() for m in markers.values())  # every fault really happened
+    assert read_table(out, c, "errors").num_rows == 0
+    assert (summary["inputs"], summary["written"], summary["errors"]) == (12, 12, 0)
+    keys = read_table(out, c).column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 12
+
+
+def test_read_failures_split_into_input_errors_and_transient_ones(tmp_path, monkeypatch):
+    from clcae import batch
+    from clcae.batch import TransientError, _read_files
+
+    (tmp_path / "a.png").write_bytes(png(0))
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "no-such-file.png")
+    sources = [str(tmp_path / "a.png"), str(tmp_path / "dangling.png")]
+    rows = _read_files({"key": np.asarray(["a", "d"], object), "source": np.asarray(sources, object)}, None)
+    assert rows["error"][0] == "" and "cannot read file" in rows["error"][1]  # the file's own problem: a row
+
+    class TimingOut:
+        def open(self, path, mode="rb"):
+            raise TimeoutError(f"read timed out on {path}")
+
+    monkeypatch.setattr(batch.st, "filesystem", lambda uri, storage=None: (TimingOut(), uri))
+    with pytest.raises(TransientError, match="read timed out"):  # the storage's problem: retried, not a row
+        _read_files({"key": np.asarray(["a"], object), "source": np.asarray(sources[:1], object)}, None)
+
+
+def test_running_out_of_memory_while_decoding_is_not_the_image_s_fault(monkeypatch):
+    import PIL.Image
+
+    from clcae.batch import TransientError, decode_rows
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(PIL.Image, "open", no_memory)
+    batch = {"key": np.asarray(["a"], object), "source": np.asarray(["s"], object),
+             "image": np.asarray([png(0)], object)}
+    with pytest.raises(TransientError, match="out of memory"):
+        decode_rows(batch, (64, 64))
+
+
+def test_out_of_memory_halves_the_batch_and_never_becomes_an_error_row(monkeypatch):
+    import torch
+
+    from clcae.batch import InvertActor, TransientError
+    from clcae.config import to_dict
+
+    c = cfg()
+    actor = InvertActor(to_dict(c), None, "cpu", False, True)
+    real, sizes = actor.inverter.invert, []
+
+    def small_memory(x):
+        sizes.append(len(x))
+        if len(x) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(x)
+
+    monkeypatch.setattr(actor.inverter, "invert", small_memory)
+    h, w = c.encoder.input_size
+    batch = {"key": np.asarray([f"k{i}" for i in range(5)], object), "source": np.asarray(["s"] * 5, object),
+             "error": np.asarray(["", "", "", "", "not a readable image"], object),
+             "pixels": np.random.default_rng(0).integers(0, 255, (5, h, w, 3), dtype=np.uint8)}
+    out = actor(batch)
+    assert list(out["error"]) == ["", "", "", "", "not a readable image"]
+    assert np.isfinite(out["w"][:4]).all() and sizes[0] == 4 and max(sizes[1:]) <= 2
+
+    def no_memory(x):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(actor.inverter, "invert", no_memory)
+    with pytest.raises(TransientError, match="out of memory"):  # even one image: retried by Ray, not a row
+        actor(batch)
+
+
+def test_a_job_in_which_every_row_fails_exits_non_zero(ray_cluster, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("invert_cli", ROOT / "jobs" / "invert.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    folder = tmp_path / "thumbs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"t{i}.png").write_bytes(encoded("RGB", size=(8, 8)))
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--input", str(folder), "--output",
+            str(tmp_path / "out"), "infer.batch_size=4", "infer.cpus_per_actor=0.5"]
+    assert cli.main(args) == 1
+    captured = capsys.readouterr()
+    assert '"errors": 3' in captured.out and '"written": 0' in captured.out  # the summary is printed
+    assert "all 3 inputs failed" in captured.err and "smaller than the minimum" in captured.err
+    assert cli.main(args) == 1  # and a re-run, which skips them all, does not turn that into success
+    (folder / "ok.png").write_bytes(png(5))
+    assert cli.main(args) == 0

@@ -37,7 +37,7 @@ def decode_image(data: bytes) -> Image.Image:
             im.load()
             # Phone photos store their rotation in EXIF; apply it so what we invert is what a viewer shows.
             return to_rgb(ImageOps.exif_transpose(im))
-    except InputError:
+    except (InputError, MemoryError):  # MemoryError: the process's memory, not the image (bombs are caught above)
         raise
     except Image.DecompressionBombError as exc:
         raise InputError(f"image refused as a decompression bomb: {exc}") from None
