@@ -82,15 +82,20 @@ def read_images(uri: str, storage: StorageConfig | None = None) -> Iterator[tupl
         else:
             yield posixpath.basename(path), fs.cat_file(path)
         return
-    if st.list_files(uri, storage, ".parquet"):
-        from clcae.data.shards import validate_shards
-
-        yield from _read_shards(validate_shards(uri, storage), storage)
-        return
     with st.storage_errors(uri, storage):
         found = sorted(fs.find(path))
     files = [p for p in found if not _hidden(posixpath.relpath(p, path))]
     images = [p for p in files if p.lower().endswith(IMAGE_SUFFIXES)]
+    shards = [p for p in files if p.lower().endswith(".parquet")]
+    if shards and images:  # never guess which half the user meant, and never drop the other half silently
+        raise EvaluationError(f"input {uri} holds {len(images)} image file(s) (e.g. {images[0]}) and {len(shards)} "
+                              f"Parquet file(s) (e.g. {shards[0]}): an input is either image shards or images; "
+                              "move the Parquet file(s) out, or point --input at the shards or the images alone")
+    if shards:
+        from clcae.data.shards import validate_shards
+
+        yield from _read_shards(validate_shards(uri, storage), storage)
+        return
     if len(images) < len(files):
         log.info("%s: skipping %d file(s) without an image suffix %s", uri, len(files) - len(images), IMAGE_SUFFIXES)
     if not images:
