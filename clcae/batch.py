@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clcae.config import CLCAEConfig, from_dict, n_latent, to_dict
+from clcae.config import CLCAEConfig, StorageConfig, from_dict, n_latent, to_dict
 from clcae.data import storage as st
 from clcae.data.images import MIN_IMAGE_SIZE
 
@@ -89,7 +89,7 @@ def done_keys(out_uri: str, cfg: CLCAEConfig) -> set[str]:
     return table_keys(out_uri, cfg, "latents") | table_keys(out_uri, cfg, "errors")
 
 
-def _location(uri: str, storage) -> tuple[str, str]:
+def _location(uri: str, storage: StorageConfig | None) -> tuple[str, str]:
     """(protocol, path without protocol or trailing slash): what decides whether two URIs overlap."""
     return st.protocol(uri), st.filesystem(uri, storage)[1].rstrip("/") or "/"
 
@@ -98,7 +98,7 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
-def key_prefixes(uris: list[str], storage=None) -> dict[str, str]:
+def key_prefixes(uris: list[str], storage: StorageConfig | None = None) -> dict[str, str]:
     """Input URI -> the prefix of its rows' keys.
 
     One input: no prefix, so its keys are the files' paths relative to it (or its shards' keys), as they always
