@@ -9,9 +9,10 @@
 
 Layout of ``OUT``: ``latents/`` (key, source, w, w_plus[, f][, psnr], model_id) with fixed-size list columns any
 Parquet reader understands, zstd; ``errors/`` (key, source, error).  Every input row ends in exactly one of
-them: inputs == latents + errors.  A re-run reads the keys already written and skips them, so it resumes an
-interrupted run and never duplicates a key; part files are named by a hash of their keys, so a retried
-write task replaces its own file instead of adding a second copy.
+them: inputs == latents + errors.  Keys are unique across the inputs (one input: paths relative to it; several:
+prefixed by each input's path from their common folder, :func:`key_prefixes`).  A re-run reads the keys already
+written and skips them, so it resumes an interrupted run and never duplicates a key; part files are named by a
+hash of their keys, so a retried write task replaces its own file instead of adding a second copy.
 """
 
 from __future__ import annotations
@@ -19,21 +20,27 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
+import posixpath
+import signal
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clcae.config import CLCAEConfig, from_dict, n_latent, to_dict
+from clcae.config import CLCAEConfig, StorageConfig, from_dict, n_latent, to_dict
 from clcae.data import storage as st
+from clcae.data.images import MIN_IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+MAX_EXAMPLES = 3  # error rows quoted in the job's summary
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("error", pa.string())])
 
 
@@ -51,6 +58,11 @@ def latent_schema(style_dim: int, n_latent: int, feature_size: int | None = None
 
 
 # --------------------------------------------------------------------------------------------- inputs
+class BatchInputError(ValueError):
+    """Inputs the job refuses before anything starts (overlapping inputs, a folder of both images and Parquet
+    files, an input inside the output, a key twice); the message names what was found and how to fix it."""
+
+
 @dataclass
 class Inputs:
     shard_files: list[str]
@@ -58,61 +70,200 @@ class Inputs:
     partial: dict[str, list[str]]       # shard file -> keys already done in it (only partly done files)
     total: int                          # rows in the input (done ones included)
     skipped: int                        # rows already in the output
+    shard_prefix: dict[str, str] = dataclass_field(default_factory=dict)  # shard file -> prefix of its keys ('' = none)
+    skipped_errors: int = 0             # of the skipped rows, those in the errors table
+
+
+def table_keys(out_uri: str, cfg: CLCAEConfig, sub: str) -> set[str]:
+    """Keys already in the ``sub`` ("latents" or "errors") table (only the key column is read)."""
+    keys: set[str] = set()
+    for uri in st.list_files(st.join(out_uri, sub), cfg.storage):
+        fs, path = st.filesystem(uri, cfg.storage)
+        with fs.open(path, "rb") as fh:
+            keys.update(pq.read_table(fh, columns=["key"]).column("key").to_pylist())
+    return keys
 
 
 def done_keys(out_uri: str, cfg: CLCAEConfig) -> set[str]:
     """Keys already in the latent or errors table (only the key column is read)."""
-    keys: set[str] = set()
-    for sub in ("latents", "errors"):
-        for uri in st.list_files(st.join(out_uri, sub), cfg.storage):
-            fs, path = st.filesystem(uri, cfg.storage)
-            with fs.open(path, "rb") as fh:
-                keys.update(pq.read_table(fh, columns=["key"]).column("key").to_pylist())
-    return keys
+    return table_keys(out_uri, cfg, "latents") | table_keys(out_uri, cfg, "errors")
+
+
+def _location(uri: str, storage: StorageConfig | None) -> tuple[str, str]:
+    """(protocol, path without protocol or trailing slash): what decides whether two URIs overlap."""
+    return st.protocol(uri), st.filesystem(uri, storage)[1].rstrip("/") or "/"
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def key_prefixes(uris: list[str], storage: StorageConfig | None = None) -> dict[str, str]:
+    """Input URI -> the prefix of its rows' keys.
+
+    One input: no prefix, so its keys are the files' paths relative to it (or its shards' keys), as they always
+    were, and existing tables resume. Several inputs: each input's path relative to the inputs' common parent
+    folder (``--input data/a data/b`` -> ``a/...`` and ``b/...``), so equal file names or shard keys in two inputs
+    stay two keys, and the keys do not depend on the order of ``--input``. Overlapping inputs (one inside
+    another, or one given twice) would make the same file two rows: refused.
+    """
+    if len(uris) == 1:
+        return {uris[0]: ""}
+    locations = [_location(u, storage) for u in uris]
+    for i, (proto_a, a) in enumerate(locations):
+        for j, (proto_b, b) in enumerate(locations[i + 1:], i + 1):
+            if proto_a == proto_b and (_inside(a, b) or _inside(b, a)):
+                inner, outer = (uris[i], uris[j]) if _inside(a, b) else (uris[j], uris[i])
+                raise BatchInputError(f"inputs overlap: {inner} is {'the same as' if a == b else 'inside'} {outer}, "
+                                      "so its files would be inverted twice; give each folder once")
+    if len({proto for proto, _ in locations}) > 1:  # no common folder across storages: the whole location
+        return {u: f"{proto}/{path.lstrip('/')}" for u, (proto, path) in zip(uris, locations)}
+    common = posixpath.commonpath([path for _, path in locations])
+    return {u: path[len(common):].lstrip("/") for u, (_, path) in zip(uris, locations)}
 
 
 def plan_inputs(uris: Iterable[str], out_uri: str, cfg: CLCAEConfig) -> Inputs:
-    """Expand input URIs into shard files and image files, minus what the output already holds."""
+    """Expand input URIs into shard files and image files, minus what the output already holds.
+
+    Keys are unique across all inputs (see :func:`key_prefixes`); a folder holding both images and Parquet
+    files, an input inside the output, or a key found twice is a BatchInputError before anything runs. Files
+    under the output folder are never inputs, so the output may live inside an input folder.
+    """
+    from fsspec.core import split_protocol
+
     from clcae.data.shards import validate_shards
 
-    done = done_keys(out_uri, cfg)
-    shard_files, images, partial, total, skipped = [], [], {}, 0, 0
+    uris = list(uris)
+    prefixes = key_prefixes(uris, cfg.storage)
+    out_proto, out_path = _location(out_uri, cfg.storage)
+    failed = table_keys(out_uri, cfg, "errors")
+    done = table_keys(out_uri, cfg, "latents") | failed
+    shard_files, images, partial, shard_prefix, total, skipped, skipped_errors = [], [], {}, {}, 0, 0, 0
+    seen: dict[str, str] = {}  # key -> where it came from: a key twice is refused, never written twice
+
+    def add(key: str, source: str) -> bool:
+        """Count one input row; True when it still has to be done."""
+        nonlocal total, skipped, skipped_errors
+        if key in seen:
+            raise BatchInputError(f"key {key!r} is in {seen[key]} and in {source}: keys must be unique across "
+                                  "the job's inputs (rewrite one shard set with other keys, or invert them into "
+                                  "separate outputs)")
+        seen[key] = source
+        total += 1
+        if key in done:
+            skipped += 1
+            skipped_errors += key in failed
+            return False
+        return True
+
     for uri in uris:
-        parquet = st.list_files(uri, cfg.storage, suffix=".parquet") if not uri.endswith(".parquet") else [uri]
+        proto, path = _location(uri, cfg.storage)
+        if proto == out_proto and _inside(path, out_path):
+            raise BatchInputError(f"input {uri} is inside the output folder {out_uri}: the job would read its own "
+                                  "output; write the output somewhere else")
+        found = st.list_files(uri, cfg.storage, suffix="")
+        is_dir = found != [uri]
+        if proto == out_proto and _inside(out_path, path):
+            # The output inside this input (e.g. --input data --output data/latents): its Parquet files are the
+            # job's own output, not shards, and must not be read back on a re-run.
+            kept = [u for u in found if not _inside(split_protocol(u)[1], out_path)]
+            if len(kept) < len(found):
+                log.info("%s: not reading the %d file(s) of the output folder %s", uri, len(found) - len(kept),
+                         out_uri)
+            found = kept
+        parquet = [u for u in found if u.lower().endswith(".parquet")]
+        image_uris = [u for u in found if u.lower().endswith(IMAGE_SUFFIXES)]
+        if parquet and image_uris:
+            raise BatchInputError(
+                f"{uri} holds {len(image_uris)} image file(s) (e.g. {image_uris[0]}) and {len(parquet)} Parquet "
+                f"file(s) (e.g. {parquet[0]}): an input is either image shards or images, never both. Move the "
+                "Parquet file(s) out of the folder, or give the shards and the images as separate --input URIs "
+                "(a shard folder or file, and an image folder or the image files)")
+        if len(parquet) + len(image_uris) < len(found):
+            log.info("%s: skipping %d file(s) that are neither images %s nor Parquet shards", uri,
+                     len(found) - len(parquet) - len(image_uris), IMAGE_SUFFIXES)
+        prefix = prefixes[uri]
         if parquet:
             for f in validate_shards(parquet, cfg.storage):
-                fs, path = st.filesystem(f, cfg.storage)
-                with fs.open(path, "rb") as fh:
+                fs, fpath = st.filesystem(f, cfg.storage)
+                with fs.open(fpath, "rb") as fh:
                     keys = pq.read_table(fh, columns=["key"]).column("key").to_pylist()
-                total += len(keys)
-                already = [k for k in keys if k in done]
-                skipped += len(already)
-                if len(already) < len(keys):
+                keys = [f"{prefix}/{k}" if prefix else k for k in keys]
+                todo = [add(k, f) for k in keys]
+                if any(todo):
                     shard_files.append(f)
-                    if already:
-                        partial[f] = already
+                    shard_prefix[f] = prefix
+                    if not all(todo):
+                        partial[f] = [k for k, t in zip(keys, todo) if not t]
             continue
-        found = [u for u in st.list_files(uri, cfg.storage, suffix="") if u.lower().endswith(IMAGE_SUFFIXES)]
-        if not found:
+        if not image_uris:
             raise st.StorageError(f"no Parquet shards or images found at {uri}")
-        base = uri.rstrip("/") + "/"
-        for u in found:
-            key = u[len(base):] if u.startswith(base) else u.rsplit("/", 1)[-1]
-            total += 1
-            if key in done:
-                skipped += 1
-            else:
+        for u in image_uris:
+            if is_dir:
+                rel = split_protocol(u)[1][len(path) + 1:]
+                key = f"{prefix}/{rel}" if prefix else rel
+            else:  # a file given as the input: its name, or its path from the inputs' common folder
+                key = prefix or posixpath.basename(split_protocol(u)[1])
+            if add(key, u):
                 images.append((u, key))
-    return Inputs(shard_files, images, partial, total, skipped)
+    return Inputs(shard_files, images, partial, total, skipped, shard_prefix, skipped_errors)
+
+
+# --------------------------------------------------------------------------------------------- failures
+class TransientError(RuntimeError):
+    """A failure that is not the input's fault (out of memory, a storage timeout): Ray Data retries the task
+    (``infer.max_retries`` times, with backoff) and the job fails if it persists. Never an errors-table row, since
+    a re-run skips those and the image would never be inverted."""
+
+
+# Ray Data retries a map task whose exception text matches one of these (``DataContext.retried_map_errors``,
+# matched against "ClassName: message" of the exception and its cause).
+RETRIED_ERRORS = [TransientError.__name__]
+# A file that cannot be read because of the file itself: its own error row. Any other read failure (timeouts,
+# connection resets, throttling, 5xx) is the storage's, and transient.
+INPUT_READ_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA/MPS out of memory, or a host allocation failure (torch raises a RuntimeError for those)."""
+    import torch
+
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+# --------------------------------------------------------------------------------------------- faults
+@dataclass
+class BatchFaults:
+    """Fault injection for tests and drills, each at most once per job (the marker file records that it happened,
+    across processes and retries): a storage timeout on the first file read, an out-of-memory error on the first
+    inversion call, and the first inversion actor killing itself (SIGKILL) mid-batch."""
+
+    read_timeout_marker: str | None = None
+    oom_marker: str | None = None
+    die_marker: str | None = None
+
+
+def _fault_due(marker: str | None) -> bool:
+    """True once per marker file: the first caller creates it."""
+    if not marker:
+        return False
+    try:
+        with open(marker, "x"):
+            return True
+    except FileExistsError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------- stages
 def decode_rows(batch: dict[str, np.ndarray], size: tuple[int, int], skip: dict[str, list[str]] | None = None,
-                min_size: int = 16) -> dict[str, np.ndarray]:
+                min_size: int = MIN_IMAGE_SIZE) -> dict[str, np.ndarray]:
     """key/source/image bytes -> key/source/pixels (B, H, W, 3) uint8 at the input size, error ('' if fine)."""
     from PIL import Image
 
-    from clcae.data.images import InputError, decode_image
+    from clcae.data.images import InputError, decode_input_image
 
     keys, sources, images = batch["key"], batch["source"], batch["image"]
     read_errors = batch["error"] if "error" in batch else [""] * len(keys)
@@ -126,12 +277,12 @@ def decode_rows(batch: dict[str, np.ndarray], size: tuple[int, int], skip: dict[
         try:
             if error:
                 raise InputError(error)
-            im = decode_image(bytes(data))
-            if min(im.size) < min_size:
-                raise InputError(f"image is {im.width}x{im.height}: smaller than {min_size} px on a side")
+            im = decode_input_image(bytes(data), min_size)
             arr = np.asarray(im.resize((w, h), Image.Resampling.BICUBIC) if im.size != (w, h) else im, np.uint8)
         except InputError as exc:
             error = str(exc)
+        except MemoryError as exc:  # the worker's memory, not the image (bombs are refused by size first)
+            raise TransientError(f"out of memory while decoding {key}: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - one bad image must never stop the job
             error = f"{type(exc).__name__}: {exc}"
         out_keys.append(str(key))
@@ -146,7 +297,8 @@ def decode_rows(batch: dict[str, np.ndarray], size: tuple[int, int], skip: dict[
 class InvertActor:
     """Ray Data actor: the Inverter, built once per actor."""
 
-    def __init__(self, config: dict[str, Any], source: Any, device: str, with_f: bool, psnr: bool):
+    def __init__(self, config: dict[str, Any], source: Any, device: str, with_f: bool, psnr: bool,
+                 faults: BatchFaults | None = None):
         import torch
 
         from clcae.inference import Inverter
@@ -157,9 +309,13 @@ class InvertActor:
         self.inverter = (Inverter.load(source, cfg, device=device) if source is not None
                          else Inverter.from_config(cfg, device=device))
         self.with_f, self.psnr = with_f, psnr
+        self.faults = faults or BatchFaults()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
+
+        if _fault_due(self.faults.die_marker):
+            os.kill(os.getpid(), signal.SIGKILL)
 
         g = self.inverter.model.decoder
         b, d, n, c = len(batch["key"]), g.style_dim, g.n_latent, g.feature_channels
@@ -171,22 +327,42 @@ class InvertActor:
             out["f"] = np.zeros((b, c * 256), np.float16)
         if ok.any():
             x = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).permute(0, 3, 1, 2).float() / 127.5 - 1
-            try:
-                res = self.inverter.invert(x)
-            except Exception as exc:  # noqa: BLE001 - recorded per row, the job goes on
-                for i in np.flatnonzero(ok):
-                    out["error"][i] = f"inversion failed: {type(exc).__name__}: {exc}"
-                return out
-            out["w"][ok] = res.w.float().cpu().numpy()
-            out["w_plus"][ok] = res.w_plus.float().cpu().numpy().reshape(-1, n * d)
-            if self.with_f:
-                out["f"][ok] = res.f.float().cpu().numpy().reshape(-1, c * 256).astype(np.float16)
-            if self.psnr:
-                from clcae.metrics import psnr
-
-                out["psnr"][ok] = psnr(res.image.float().cpu(), x).numpy()
+            # The pixels were validated by decode_rows: nothing the model raises is the input's fault, so no
+            # exception here becomes an error row. Out of memory is retried on halves of the batch, then by Ray;
+            # anything else (a broken model) fails the job, which a re-run resumes.
+            self._invert_in_parts(x, np.flatnonzero(ok), out)
         out["model_id"] = np.asarray([self.inverter.model_id] * b, dtype=object)
         return out
+
+    def _invert_in_parts(self, x, rows: np.ndarray, out: dict[str, np.ndarray]) -> None:
+        """Invert ``x`` into ``out[...][rows]``; on out-of-memory, each half in turn (down to one image)."""
+        import torch
+
+        try:
+            if _fault_due(self.faults.oom_marker):
+                raise torch.OutOfMemoryError("injected: CUDA out of memory. Tried to allocate 2.00 GiB")
+            res = self.inverter.invert(x)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(x) == 1:
+                raise TransientError(f"out of memory inverting a single image ({type(exc).__name__}: {exc}); "
+                                     "lower infer.batch_size or use a larger device") from exc
+            half = len(x) // 2
+            log.warning("out of memory on %d images; inverting them as %d + %d", len(x), half, len(x) - half)
+            self._invert_in_parts(x[:half], rows[:half], out)
+            self._invert_in_parts(x[half:], rows[half:], out)
+            return
+        out["w"][rows] = res.w.float().cpu().numpy()
+        out["w_plus"][rows] = res.w_plus.float().cpu().numpy().reshape(len(rows), -1)
+        if self.with_f:
+            out["f"][rows] = res.f.float().cpu().numpy().reshape(len(rows), -1).astype(np.float16)
+        if self.psnr:
+            from clcae.metrics import psnr
+
+            out["psnr"][rows] = psnr(res.image.float().cpu(), x).numpy()
 
 
 # --------------------------------------------------------------------------------------------- sink
@@ -202,7 +378,11 @@ def _part_name(keys: list[str]) -> str:
 def _write_table(table: pa.Table, uri: str, storage) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    st.write_bytes(uri, buf.getvalue(), storage)
+    try:
+        st.write_bytes(uri, buf.getvalue(), storage)
+    except Exception as exc:
+        # Retrying is safe: the part's name comes from its keys, so a second attempt replaces the first.
+        raise TransientError(f"cannot write {uri}: {exc}") from exc
 
 
 def make_sink(out_uri: str, cfg: CLCAEConfig, schema: pa.Schema):
@@ -214,6 +394,7 @@ def make_sink(out_uri: str, cfg: CLCAEConfig, schema: pa.Schema):
             self.out, self.storage, self.schema = out_uri, cfg.storage, schema
             self.rows = cfg.infer.rows_per_file
             self.counts = {"written": 0, "errors": 0, "files": 0}
+            self.examples: list[dict[str, str]] = []  # a few error rows, for the job's summary
 
         @property
         def min_rows_per_write(self) -> int:
@@ -223,7 +404,7 @@ def make_sink(out_uri: str, cfg: CLCAEConfig, schema: pa.Schema):
             tables = [pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b for b in blocks]
             tables = [t if isinstance(t, pa.Table) else pa.Table.from_pandas(t) for t in tables]
             table = pa.concat_tables(tables, promote_options="default") if tables else None
-            counts = {"written": 0, "errors": 0, "files": 0}
+            counts: dict[str, Any] = {"written": 0, "errors": 0, "files": 0, "examples": []}
             if table is None or table.num_rows == 0:
                 return counts
             errors = np.asarray(table.column("error").to_pylist(), dtype=object)
@@ -235,6 +416,7 @@ def make_sink(out_uri: str, cfg: CLCAEConfig, schema: pa.Schema):
                                 "error": pa.array(errors[idx].tolist(), pa.string())}, schema=ERRORS_SCHEMA)
                 _write_table(err, st.join(self.out, "errors", _part_name(err.column("key").to_pylist())), self.storage)
                 counts["errors"] = len(idx)
+                counts["examples"] = err.slice(0, MAX_EXAMPLES).select(["key", "error"]).to_pylist()
             good = np.flatnonzero(~bad)
             # at most rows_per_file rows per file: a write may receive more (blocks are bundled, not split)
             for start in range(0, len(good), self.rows):
@@ -259,22 +441,30 @@ def make_sink(out_uri: str, cfg: CLCAEConfig, schema: pa.Schema):
             for r in write_result.write_returns:
                 for k in self.counts:
                     self.counts[k] += r[k]
+                self.examples += r["examples"][:MAX_EXAMPLES - len(self.examples)]
 
     return LatentTableSink()
 
 
 # --------------------------------------------------------------------------------------------- job
-def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: Any = None) -> dict[str, Any]:
-    """Run the bulk job; returns {"inputs", "skipped", "written", "errors", ...} with
-    inputs == skipped + written + errors.  ``source``: a ``clcae.pretrained.ModelSource`` resolved with
-    ``prepare`` (whose config ``cfg`` is), or None for the config's own model."""
+def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: Any = None,
+                    faults: BatchFaults | None = None) -> dict[str, Any]:
+    """Run the bulk job; returns {"inputs", "skipped", "written", "errors", "skipped_errors", "error_examples",
+    ...} with inputs == skipped + written + errors (``skipped_errors``: skipped rows that are error rows).
+
+    ``source``: a ``clcae.pretrained.ModelSource`` resolved with ``prepare`` (whose config ``cfg`` is), or None for
+    the config's own model.  Input errors (undecodable, too small, unreadable files) become error rows. Transient
+    failures (out of memory, storage timeouts) are retried ``infer.max_retries`` times per task, and a dead actor
+    is restarted with its task; if a failure persists the job raises, and a re-run resumes. ``faults`` injects
+    failures (tests, drills).
+    """
     import ray
 
     t0 = time.perf_counter()
     st.check_access(out_uri, cfg.storage, write=True)
     plan = plan_inputs(inputs, out_uri, cfg)
     summary: dict[str, Any] = {"inputs": plan.total, "skipped": plan.skipped, "written": 0, "errors": 0,
-                               "output": out_uri}
+                               "skipped_errors": plan.skipped_errors, "error_examples": [], "output": out_uri}
     if not plan.shard_files and not plan.image_files:
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         return summary
@@ -283,14 +473,16 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: A
         from clcae.data.shards import read_shards
 
         ds = read_shards(plan.shard_files, cfg.storage, columns=["key", "image"], include_paths=True)
-        uris = {st.filesystem(f, cfg.storage)[1]: f for f in plan.shard_files}
-        datasets.append(ds.map_batches(_shard_rows, fn_kwargs={"uris": uris}, batch_format="numpy"))
+        # Ray Data reports the protocol-less path of each row's file: map it back to the URI and the key prefix
+        files = {st.filesystem(f, cfg.storage)[1]: (f, plan.shard_prefix.get(f, "")) for f in plan.shard_files}
+        datasets.append(ds.map_batches(_shard_rows, fn_kwargs={"files": files}, batch_format="numpy"))
     if plan.image_files:
         # Files are read inside the pipeline, one by one, so an unreadable file is one error row, not a
         # failed read task.
         items = [{"key": k, "source": u} for u, k in plan.image_files]
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.infer.batch_size, 1000)))
-        datasets.append(ds.map_batches(_read_files, fn_kwargs={"storage": cfg.storage}, batch_format="numpy"))
+        datasets.append(ds.map_batches(_read_files, fn_kwargs={"storage": cfg.storage, "faults": faults},
+                                       batch_format="numpy"))
     ds = datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
     size = tuple(cfg.encoder.input_size)
     ds = ds.map_batches(decode_rows, fn_kwargs={"size": size, "skip": plan.partial or None}, batch_format="numpy",
@@ -300,7 +492,7 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: A
     ds = ds.map_batches(
         InvertActor, fn_constructor_kwargs={"config": to_dict(cfg), "source": source,
                                             "device": "cuda" if use_gpu else "cpu", "with_f": i.with_f,
-                                            "psnr": i.psnr},
+                                            "psnr": i.psnr, "faults": faults},
         batch_size=i.batch_size, batch_format="numpy", num_gpus=1 if use_gpu else 0, num_cpus=i.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=i.actors))
     g = cfg.generator
@@ -309,29 +501,41 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: A
 
     feature = channel_table(g.channel_multiplier, g.channel_max)[16] * 256 if i.with_f else None
     sink = make_sink(out_uri, cfg, latent_schema(g.style_dim, n, feature, i.psnr))
+    # Retries of transient failures, set on this dataset's own DataContext (a copy taken when it was created), so
+    # other datasets of the process are unaffected. Ray Data's own defaults already restart a dead actor and
+    # resubmit its task (max_restarts / max_task_retries = -1), and retry reads of Parquet on S3 errors.
+    ctx = ds.context
+    ctx.retried_map_errors = list(RETRIED_ERRORS)
+    ctx.max_map_retries = i.max_retries
     ds.write_datasink(sink)
-    summary.update(written=sink.counts["written"], errors=sink.counts["errors"],
+    summary.update(written=sink.counts["written"], errors=sink.counts["errors"], error_examples=sink.examples,
                    seconds=round(time.perf_counter() - t0, 2))
     summary["images_per_s"] = round((summary["written"] + summary["errors"]) / max(summary["seconds"], 1e-9), 2)
     return summary
 
 
-def _shard_rows(batch: dict[str, np.ndarray], uris: dict[str, str]) -> dict[str, np.ndarray]:
-    sources = np.asarray([uris.get(str(p), str(p)) for p in batch["path"]], dtype=object)
-    return {"key": batch["key"], "source": sources, "image": batch["image"]}
+def _shard_rows(batch: dict[str, np.ndarray], files: dict[str, tuple[str, str]]) -> dict[str, np.ndarray]:
+    found = [files.get(str(p), (str(p), "")) for p in batch["path"]]
+    keys = np.asarray([f"{prefix}/{k}" if prefix else str(k) for k, (_, prefix) in zip(batch["key"], found)],
+                      dtype=object)
+    return {"key": keys, "source": np.asarray([uri for uri, _ in found], dtype=object), "image": batch["image"]}
 
 
-def _read_files(batch: dict[str, np.ndarray], storage) -> dict[str, np.ndarray]:
+def _read_files(batch: dict[str, np.ndarray], storage, faults: BatchFaults | None = None) -> dict[str, np.ndarray]:
     data, errors = [], []
     for uri in batch["source"]:
         try:
+            if faults is not None and _fault_due(faults.read_timeout_marker):
+                raise TimeoutError(f"injected: read timeout on {uri}")
             fs, path = st.filesystem(str(uri), storage)
             with fs.open(path, "rb") as fh:
                 data.append(fh.read())
             errors.append("")
-        except Exception as exc:  # noqa: BLE001 - an unreadable file is that file's error row
+        except INPUT_READ_ERRORS as exc:  # missing, a folder, a dangling link, no permission: the file's own row
             data.append(b"")
             errors.append(f"cannot read file: {type(exc).__name__}: {exc}")
+        except Exception as exc:
+            raise TransientError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from exc
     return {"key": batch["key"], "source": batch["source"], "image": np.asarray(data, dtype=object),
             "error": np.asarray(errors, dtype=object)}
 

@@ -175,6 +175,7 @@ class InferConfig:
     rows_per_file: int = 20_000  # latent-table rows per Parquet file (about 0.8 GB of w+ at 18x512)
     with_f: bool = False  # also store f (C x 16 x 16, float16): about 256 KB per row at C = 512
     psnr: bool = True  # store the reconstruction PSNR of G(w+, f) per row
+    max_retries: int = 3  # retries of a task hit by a transient failure (out of memory, storage timeout)
 
 
 @dataclass
@@ -488,6 +489,7 @@ def _check_data_train_storage(cfg: CLCAEConfig, check: Check) -> None:
     for name in ("batch_size", "actors", "rows_per_file"):
         check(getattr(i, name) >= 1, f"infer.{name}", "must be >= 1")
     check(i.cpus_per_actor > 0, "infer.cpus_per_actor", "must be > 0")
+    check(i.max_retries >= 0, "infer.max_retries", "must be >= 0")
     v = cfg.serve
     check(1 <= v.port <= 65535, "serve.port", "must be a TCP port (1..65535)")
     check(v.max_body_mb > 0, "serve.max_body_mb", "must be > 0")

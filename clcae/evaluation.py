@@ -38,7 +38,7 @@ from PIL import Image
 
 from clcae.config import StorageConfig
 from clcae.data import storage as st
-from clcae.data.images import InputError, decode_image
+from clcae.data.images import InputError, check_min_size, decode_input_image
 from clcae.inference import Inverter
 from clcae.losses import IDLoss
 from clcae.metrics import LPIPS_SIZE, MetricSuite, check_pair
@@ -82,15 +82,20 @@ def read_images(uri: str, storage: StorageConfig | None = None) -> Iterator[tupl
         else:
             yield posixpath.basename(path), fs.cat_file(path)
         return
-    if st.list_files(uri, storage, ".parquet"):
-        from clcae.data.shards import validate_shards
-
-        yield from _read_shards(validate_shards(uri, storage), storage)
-        return
     with st.storage_errors(uri, storage):
         found = sorted(fs.find(path))
     files = [p for p in found if not _hidden(posixpath.relpath(p, path))]
     images = [p for p in files if p.lower().endswith(IMAGE_SUFFIXES)]
+    shards = [p for p in files if p.lower().endswith(".parquet")]
+    if shards and images:  # never guess which half the user meant, and never drop the other half silently
+        raise EvaluationError(f"input {uri} holds {len(images)} image file(s) (e.g. {images[0]}) and {len(shards)} "
+                              f"Parquet file(s) (e.g. {shards[0]}): an input is either image shards or images; "
+                              "move the Parquet file(s) out, or point --input at the shards or the images alone")
+    if shards:
+        from clcae.data.shards import validate_shards
+
+        yield from _read_shards(validate_shards(uri, storage), storage)
+        return
     if len(images) < len(files):
         log.info("%s: skipping %d file(s) without an image suffix %s", uri, len(files) - len(images), IMAGE_SUFFIXES)
     if not images:
@@ -122,7 +127,12 @@ def _decoded_batches(images: Iterable[tuple[str, ImageLike]], batch_size: int, l
         if limit is not None and taken >= limit:
             break
         try:
-            image = decode_image(bytes(data)) if isinstance(data, bytes | bytearray | memoryview) else data
+            # the same acceptance test as the batch job and Serve (decodable, not below the minimum size)
+            if isinstance(data, bytes | bytearray | memoryview):
+                image = decode_input_image(bytes(data))
+            else:
+                image = data
+                check_min_size(data)
         except InputError as exc:
             errors.append({"key": str(key), "error": str(exc)})
             continue
@@ -147,10 +157,11 @@ def evaluate(inverter: Inverter, images: Iterable[tuple[str, ImageLike]],
              limit: int | None = None, timing: bool = True, source: str = "") -> dict[str, Any]:
     """Metrics of G(w), G(w+) and G(w+, f) against each input, ID after ``edit``, and time per image.
 
-    ``images`` yields (key, encoded bytes / PIL image / HxWx3 uint8 array); bytes that do not decode are listed
-    under ``undecodable``, not fatal. ``limit`` caps the images evaluated. ``id_network`` is "arcface", "moco"
-    or "none" (no ID rows); ``id_weights=None`` leaves it random (flagged in ``setup``). Returns a JSON-ready
-    dict (see :func:`write_report`); ``per_image`` holds every image's values.
+    ``images`` yields (key, encoded bytes / PIL image / HxWx3 uint8 array); bytes that do not decode and images
+    smaller than :data:`~clcae.data.images.MIN_IMAGE_SIZE` are listed under ``undecodable``, not fatal.
+    ``limit`` caps the images evaluated. ``id_network`` is "arcface", "moco" or "none" (no ID rows);
+    ``id_weights=None`` leaves it random (flagged in ``setup``). Returns a JSON-ready dict (see
+    :func:`write_report`); ``per_image`` holds every image's values.
     """
     if batch_size < 1:
         raise EvaluationError(f"batch_size = {batch_size}: must be >= 1")

@@ -8,9 +8,13 @@ file, our training checkpoint or run directory, or an exported model (clcae expo
 architecture; --config and the overrides bring the job's settings (infer.*, storage.*, device, directions).
 
 Writes OUT/latents/*.parquet (key, source, w, w_plus[, f][, psnr], model_id) and OUT/errors/*.parquet
-(key, source, error).  Prints and returns the counts: inputs == skipped + written + errors.  Re-running with
-the same output skips what is done (and resumes an interrupted run).  Without --model the model comes from
-the config (a random-init encoder: only useful for testing the pipeline).
+(key, source, error).  Prints the counts: inputs == skipped + written + errors.  Re-running with the same
+output skips what is done (and resumes an interrupted run).  Without --model the model comes from the config
+(a random-init encoder: only useful for testing the pipeline).
+
+Exit status: 0 when the output holds latents for at least one input; 1 when every input is an error row
+(e.g. the wrong folder, every image too small) or the job failed after retrying (re-run it to resume);
+2 when nothing could start (a bad config, model, input or output).
 """
 
 from __future__ import annotations
@@ -23,11 +27,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clcae.batch import invert_to_table  # noqa: E402
+from clcae.batch import BatchInputError, invert_to_table  # noqa: E402
 from clcae.config import ConfigError, load_config  # noqa: E402
+from clcae.data.shards import ShardError  # noqa: E402
+from clcae.data.storage import StorageError  # noqa: E402
 from clcae.pretrained import prepare  # noqa: E402
 from clcae.train.runtime import init_ray  # noqa: E402
 from clcae.weights import WeightsError  # noqa: E402
+
+
+def exit_status(summary: dict) -> tuple[int, str | None]:
+    """(exit code, message for stderr) of a finished job's summary."""
+    if summary["inputs"] != summary["skipped"] + summary["written"] + summary["errors"]:
+        return 1, "the counts do not add up (inputs != skipped + written + errors)"
+    failed = summary["errors"] + summary.get("skipped_errors", 0)
+    if summary["inputs"] and summary["written"] == 0 and failed == summary["inputs"]:
+        # Every input is an error row, in this run or an earlier one: nothing was inverted, which is a failure
+        # whoever runs the job (a scheduler must not see success), and a re-run would skip them all again.
+        examples = "; ".join(f"{e['key']}: {e['error']}" for e in summary.get("error_examples", []))
+        return 1, (f"all {summary['inputs']} inputs failed, none was inverted"
+                   + (f" (e.g. {examples})" if examples else f"; see {summary['output']}/errors"))
+    return 0, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,9 +70,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     init_ray()
-    summary = invert_to_table(cfg, args.input, args.output, source)
+    try:
+        summary = invert_to_table(cfg, args.input, args.output, source)
+    except (BatchInputError, ShardError, StorageError) as exc:  # refused while planning: nothing ran
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a failure that outlived its retries: say so, exit non-zero
+        print(json.dumps({"output": args.output, "failed": f"{type(exc).__name__}: {exc}"[:2000]}, indent=2))
+        print(f"error: the job failed after retrying ({type(exc).__name__}); rows already written are kept, and "
+              "re-running the same command resumes from them", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2))
-    return 0 if summary["inputs"] == summary["skipped"] + summary["written"] + summary["errors"] else 1
+    code, message = exit_status(summary)
+    if message:
+        print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

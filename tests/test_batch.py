@@ -167,3 +167,201 @@ def test_interrupted_run_resumes_only_missing_rows_of_a_partly_done_shard(ray_cl
     assert again["written"] == len(lost) and again["skipped"] == 20 - len(lost)
     keys = read_table(out, c).column("key").to_pylist()
     assert sorted(keys) == [f"k{i:02d}" for i in range(20)]
+
+
+def test_one_minimum_image_size_for_every_front_door():
+    """The batch job and evaluate accept and refuse the same images: one minimum, defined once."""
+    from clcae.batch import decode_rows
+    from clcae.data.images import MIN_IMAGE_SIZE, InputError, check_min_size, decode_input_image
+    from clcae.evaluation import _decoded_batches
+
+    small, ok = png(0, (MIN_IMAGE_SIZE - 1, 40)), png(1, (40, MIN_IMAGE_SIZE))
+    with pytest.raises(InputError, match=f"minimum of {MIN_IMAGE_SIZE} pixels"):
+        decode_input_image(small)
+    assert decode_input_image(ok).size == (40, MIN_IMAGE_SIZE)
+    with pytest.raises(InputError):
+        check_min_size(Image.new("RGB", (MIN_IMAGE_SIZE, MIN_IMAGE_SIZE - 1)))
+    batch = {"key": np.asarray(["small", "ok"], object), "source": np.asarray(["s", "o"], object),
+             "image": np.asarray([small, ok], object)}
+    rows = decode_rows(batch, (64, 64))
+    assert "minimum of" in rows["error"][0] and rows["error"][1] == ""
+    errors: list[dict[str, str]] = []
+    evaluated = [k for keys, _ in _decoded_batches([("small", small), ("ok", ok)], 8, None, errors) for k in keys]
+    assert evaluated == ["ok"] and errors[0]["key"] == "small" and "minimum of" in errors[0]["error"]
+
+
+def shard_folder(folder: Path, keys: list[str], storage=None) -> None:
+    with ShardWriter(str(folder), storage, rows_per_shard=len(keys)) as writer:
+        for i, key in enumerate(keys):
+            writer.write({"key": key, "image": png(100 + i), "height": 40, "width": 48})
+
+
+def test_inputs_holding_the_same_names_get_distinct_stable_keys(ray_cluster, tmp_path):
+    """--input dirA dirB with the same file names (and two shard sets with the same keys): every input row gets
+    its own key, and a re-run (in any input order) finds every one of them done."""
+    data = tmp_path / "data"
+    for name in ("dirA", "dirB"):
+        image_folder(data / name, 4, corrupt=set())
+    for name in ("shardsA", "shardsB"):
+        shard_folder(data / name, ["k0", "k1", "k2"])
+    inputs = [str(data / n) for n in ("dirA", "dirB", "shardsA", "shardsB")]
+    out, c = str(tmp_path / "out"), cfg()
+    first = invert_to_table(c, inputs, out)
+    assert (first["inputs"], first["written"], first["errors"], first["skipped"]) == (14, 14, 0, 0)
+    table = read_table(out, c)
+    keys = table.column("key").to_pylist()
+    assert len(set(keys)) == 14
+    assert {"dirA/img_000.png", "dirB/img_000.png", "dirA/sub/img_001.png", "shardsA/k0", "shardsB/k0"} <= set(keys)
+    by_key = dict(zip(keys, table.column("source").to_pylist()))
+    assert by_key["dirB/img_000.png"] == str(data / "dirB" / "img_000.png")
+    again = invert_to_table(c, inputs[::-1], out)
+    assert (again["inputs"], again["skipped"], again["written"]) == (14, 14, 0)
+    # a file arriving in dirB under a name dirA already has is new work, not "skipped"
+    (data / "dirB" / "late.png").write_bytes(png(99))
+    (data / "dirA" / "late.png").write_bytes(png(98))
+    third = invert_to_table(c, inputs[:1], str(tmp_path / "out_a"))  # one input: keys as before, unprefixed
+    assert "late.png" in read_table(str(tmp_path / "out_a"), c).column("key").to_pylist()
+    assert third["written"] == 5
+    fourth = invert_to_table(c, inputs, out)
+    assert (fourth["written"], fourth["skipped"]) == (2, 14)
+
+
+def test_planning_refuses_mixed_folders_overlapping_inputs_and_an_input_inside_the_output(tmp_path):
+    from clcae.batch import BatchInputError, plan_inputs
+
+    c = cfg()
+    mixed = tmp_path / "mixed"
+    image_folder(mixed, 3, corrupt=set())
+    shard_folder(mixed / "shards", ["k0"])
+    with pytest.raises(BatchInputError, match=r"3 image file\(s\).*1 Parquet file\(s\)") as info:
+        plan_inputs([str(mixed)], str(tmp_path / "out"), c)
+    assert "shard-00000.parquet" in str(info.value) and "--input" in str(info.value)
+    data = tmp_path / "data"
+    image_folder(data / "a", 2, corrupt=set())
+    with pytest.raises(BatchInputError, match="overlap"):
+        plan_inputs([str(data), str(data / "a")], str(tmp_path / "out"), c)
+    with pytest.raises(BatchInputError, match="overlap"):
+        plan_inputs([str(data / "a"), str(data / "a")], str(tmp_path / "out"), c)
+    with pytest.raises(BatchInputError, match="inside the output"):
+        plan_inputs([str(data / "a")], str(data), c)
+    # an output folder inside the input folder (latents written there by an earlier run) is not input
+    (data / "a" / "out" / "latents").mkdir(parents=True)
+    pq.write_table(pa.table({"key": ["x"]}), data / "a" / "out" / "latents" / "part-0.parquet")
+    plan = plan_inputs([str(data / "a")], str(data / "a" / "out"), c)
+    assert sorted(k for _, k in plan.image_files) == ["img_000.png", "sub/img_001.png"] and not plan.shard_files
+
+
+def test_output_folder_inside_the_input_folder_is_not_read_as_input(ray_cluster, tmp_path):
+    folder = tmp_path / "in"
+    image_folder(folder, 4, corrupt={2})
+    out, c = str(folder / "latents_out"), cfg()
+    first = invert_to_table(c, [str(folder)], out)
+    assert (first["inputs"], first["written"], first["errors"]) == (4, 3, 1)
+    again = invert_to_table(c, [str(folder)], out)  # was: ShardError, the job's own output taken for shards
+    assert (again["inputs"], again["skipped"], again["written"], again["errors"]) == (4, 4, 0, 0)
+
+
+def test_transient_failures_are_retried_never_written_as_error_rows(ray_cluster, tmp_path):
+    """A storage timeout, an out-of-memory error and a dead inversion actor during one job: each is retried and
+    every image ends in the latent table, not in an error row that every re-run would skip."""
+    from clcae.batch import BatchFaults
+
+    image_folder(tmp_path / "in", 12, corrupt=set())
+    markers = {name: tmp_path / name for name in ("timeout", "oom", "die")}
+    faults = BatchFaults(read_timeout_marker=str(markers["timeout"]), oom_marker=str(markers["oom"]),
+                         die_marker=str(markers["die"]))
+    out, c = str(tmp_path / "out"), cfg()
+    summary = invert_to_table(c, [str(tmp_path / "in")], out, faults=faults)
+    assert all(m.exists() for m in markers.values())  # every fault really happened
+    assert read_table(out, c, "errors").num_rows == 0
+    assert (summary["inputs"], summary["written"], summary["errors"]) == (12, 12, 0)
+    keys = read_table(out, c).column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 12
+
+
+def test_read_failures_split_into_input_errors_and_transient_ones(tmp_path, monkeypatch):
+    from clcae import batch
+    from clcae.batch import TransientError, _read_files
+
+    (tmp_path / "a.png").write_bytes(png(0))
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "no-such-file.png")
+    sources = [str(tmp_path / "a.png"), str(tmp_path / "dangling.png")]
+    rows = _read_files({"key": np.asarray(["a", "d"], object), "source": np.asarray(sources, object)}, None)
+    assert rows["error"][0] == "" and "cannot read file" in rows["error"][1]  # the file's own problem: a row
+
+    class TimingOut:
+        def open(self, path, mode="rb"):
+            raise TimeoutError(f"read timed out on {path}")
+
+    monkeypatch.setattr(batch.st, "filesystem", lambda uri, storage=None: (TimingOut(), uri))
+    with pytest.raises(TransientError, match="read timed out"):  # the storage's problem: retried, not a row
+        _read_files({"key": np.asarray(["a"], object), "source": np.asarray(sources[:1], object)}, None)
+
+
+def test_running_out_of_memory_while_decoding_is_not_the_image_s_fault(monkeypatch):
+    import PIL.Image
+
+    from clcae.batch import TransientError, decode_rows
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(PIL.Image, "open", no_memory)
+    batch = {"key": np.asarray(["a"], object), "source": np.asarray(["s"], object),
+             "image": np.asarray([png(0)], object)}
+    with pytest.raises(TransientError, match="out of memory"):
+        decode_rows(batch, (64, 64))
+
+
+def test_out_of_memory_halves_the_batch_and_never_becomes_an_error_row(monkeypatch):
+    import torch
+
+    from clcae.batch import InvertActor, TransientError
+    from clcae.config import to_dict
+
+    c = cfg()
+    actor = InvertActor(to_dict(c), None, "cpu", False, True)
+    real, sizes = actor.inverter.invert, []
+
+    def small_memory(x):
+        sizes.append(len(x))
+        if len(x) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(x)
+
+    monkeypatch.setattr(actor.inverter, "invert", small_memory)
+    h, w = c.encoder.input_size
+    batch = {"key": np.asarray([f"k{i}" for i in range(5)], object), "source": np.asarray(["s"] * 5, object),
+             "error": np.asarray(["", "", "", "", "not a readable image"], object),
+             "pixels": np.random.default_rng(0).integers(0, 255, (5, h, w, 3), dtype=np.uint8)}
+    out = actor(batch)
+    assert list(out["error"]) == ["", "", "", "", "not a readable image"]
+    assert np.isfinite(out["w"][:4]).all() and sizes[0] == 4 and max(sizes[1:]) <= 2
+
+    def no_memory(x):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(actor.inverter, "invert", no_memory)
+    with pytest.raises(TransientError, match="out of memory"):  # even one image: retried by Ray, not a row
+        actor(batch)
+
+
+def test_a_job_in_which_every_row_fails_exits_non_zero(ray_cluster, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("invert_cli", ROOT / "jobs" / "invert.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    folder = tmp_path / "thumbs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"t{i}.png").write_bytes(encoded("RGB", size=(8, 8)))
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--input", str(folder), "--output",
+            str(tmp_path / "out"), "infer.batch_size=4", "infer.cpus_per_actor=0.5"]
+    assert cli.main(args) == 1
+    captured = capsys.readouterr()
+    assert '"errors": 3' in captured.out and '"written": 0' in captured.out  # the summary is printed
+    assert "all 3 inputs failed" in captured.err and "smaller than the minimum" in captured.err
+    assert cli.main(args) == 1  # and a re-run, which skips them all, does not turn that into success
+    (folder / "ok.png").write_bytes(png(5))
+    assert cli.main(args) == 0

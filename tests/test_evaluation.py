@@ -153,3 +153,13 @@ def test_cli_writes_the_report(folder, tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["images"] == 2
     assert cli.main([*args, "--edit", "smile=2.0"]) == 2
     assert "unknown direction 'smile'" in capsys.readouterr().err
+
+
+def test_a_folder_of_images_and_parquet_files_is_refused_not_read_as_shards(tmp_path):
+    (tmp_path / "mixed").mkdir()
+    for i, data in enumerate(pngs(2)):
+        (tmp_path / "mixed" / f"{i}.png").write_bytes(data)
+    with ShardWriter(str(tmp_path / "mixed" / "shards")) as writer:
+        writer.write({"key": "k0", "image": pngs(1)[0], "height": 72, "width": 80})
+    with pytest.raises(EvaluationError, match=r"2 image file\(s\).*1 Parquet file\(s\)"):
+        list(read_images(str(tmp_path / "mixed")))

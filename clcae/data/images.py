@@ -15,6 +15,11 @@ from PIL import Image, ImageOps
 
 # Decompression-bomb guard: far above any real photo, far below what would exhaust memory.
 MAX_PIXELS = 64_000_000
+# The smallest accepted side, in pixels, for every front door (make_shards, the batch job, evaluate, Serve), so an
+# image accepted by one is accepted by all. A floor against tracking pixels, icons and broken thumbnails, not a
+# quality bar: every input is resized to the encoder's input size anyway. 16 is what the batch job and Serve
+# already enforced, so existing latent tables keep their split between latents and errors.
+MIN_IMAGE_SIZE = 16
 
 
 class InputError(ValueError):
@@ -32,7 +37,7 @@ def decode_image(data: bytes) -> Image.Image:
             im.load()
             # Phone photos store their rotation in EXIF; apply it so what we invert is what a viewer shows.
             return to_rgb(ImageOps.exif_transpose(im))
-    except InputError:
+    except (InputError, MemoryError):  # MemoryError: the process's memory, not the image (bombs are caught above)
         raise
     except Image.DecompressionBombError as exc:
         raise InputError(f"image refused as a decompression bomb: {exc}") from None
@@ -91,9 +96,17 @@ def image_grid(rows: Sequence[Sequence[Image.Image]]) -> Image.Image:
 
 
 
+def check_min_size(im: Image.Image | np.ndarray, min_size: int = MIN_IMAGE_SIZE) -> None:
+    """InputError if either side of ``im`` (a PIL image or an HxWx3 array) is below ``min_size`` pixels
+    (thumbnails, 1x1 tracking pixels)."""
+    width, height = im.size if isinstance(im, Image.Image) else (im.shape[1], im.shape[0])
+    if min(width, height) < min_size:
+        raise InputError(f"image is {width}x{height}: smaller than the minimum of {min_size} pixels on a side")
 
-def check_min_size(im: Image.Image, min_size: int) -> None:
-    """InputError if either side of ``im`` is below ``min_size`` pixels (thumbnails, 1x1 tracking pixels)."""
-    if min(im.size) < min_size:
-        raise InputError(f"image is {im.width}x{im.height}: smaller than the minimum of {min_size} pixels "
-                         "on a side")
+
+def decode_input_image(data: bytes, min_size: int = MIN_IMAGE_SIZE) -> Image.Image:
+    """Encoded bytes -> RGB image that every front door accepts: :func:`decode_image`, then
+    :func:`check_min_size`. An InputError says why an image is refused."""
+    im = decode_image(data)
+    check_min_size(im, min_size)
+    return im
