@@ -61,6 +61,8 @@ _UNSUPPORTED_OPTS = {
     "no_feature_attention": "the authors' 'w/o F attention' ablation swaps in a BatchNorm/PReLU CNN we do not build",
     "no_res": "the authors' '--no_res' variant decodes w into a 64x64 key/value map we do not build",
     "not_for_ww": "a model that predicts only w (no W+ residuals) is not supported",
+    "no_w_attention": "the authors' 'w/o W+ attention' switch adds w's own offset twice at layer 0 (w+_0 = "
+                      "latent_avg + 2 w); our ablation follows the paper (w+_i = w + dw_i): outputs would differ",
 }
 
 
@@ -206,11 +208,10 @@ def config_from_opts(opts: Mapping[str, Any], state: Mapping[str, torch.Tensor],
     if car:
         # the authors pool to 256 and keep rows 32:224: rows size/8 .. 7 size/8 of the generator's output
         generator["crop"] = [size // 8, size * 7 // 8, 0, size]
-    no_w_attention = bool(opts.get("no_w_attention", False))
-    if no_w_attention == arch["w_attention"]:
-        raise ModelSourceError(f"{uri}: opts.no_w_attention={no_w_attention} disagrees with its weights (W+ "
-                               f"attention blocks {'present' if arch['w_attention'] else 'absent'})")
-    model = {"variant": "clcae", "w_attention": arch["w_attention"], "f_attention": True,
+    if not arch["w_attention"]:
+        raise ModelSourceError(f"{uri}: its weights have no W+ cross-attention blocks "
+                               f"({_UNSUPPORTED_OPTS['no_w_attention']})")
+    model = {"variant": "clcae", "w_attention": True, "f_attention": True,
              "feature": not opts.get("not_for_feature", False), "center_input": True, "attention_heads": 4,
              "attention_ffn": arch["ffn"], "attention_dropout": 0.1, "attention_tokens": 1, "average_image": None}
     encoder = {"backbone": arch["backbone"], "input_size": [side * 3 // 4, side] if car else [side, side],

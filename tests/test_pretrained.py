@@ -178,6 +178,7 @@ def test_clear_errors_for_missing_files_and_names(src, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"no_feature_attention": True}, "opts.no_feature_attention=True"),
+    ({"no_w_attention": True}, "opts.no_w_attention=True: .*2 w"),
     ({"learn_in_w": False}, "opts.learn_in_w=False"),
     ({"encoder_type": "BackboneEncoderUsingLastLayerIntoW"}, "opts.encoder_type"),
     ({"output_size": 1024}, "opts.output_size=1024 but the decoder weights are a 64 px generator"),
