@@ -221,3 +221,19 @@ def test_api_key_is_required_when_configured():
     with pytest.raises(ConfigError, match="serve.host"):  # ...only on loopback
         load_config(ROOT / "configs" / "tiny.yaml", ["serve.host=0.0.0.0"])
     load_config(ROOT / "configs" / "tiny.yaml", ["serve.host=0.0.0.0", "serve.api_key=s3cret"])
+
+
+
+def test_api_key_from_the_environment_counts_for_the_host_check(monkeypatch):
+    from clcae.config import ConfigError, serve_api_key
+
+    monkeypatch.delenv("CLCAE_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="serve.host"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["serve.host=0.0.0.0"])
+    monkeypatch.setenv("CLCAE_API_KEY", "from-env")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["serve.host=0.0.0.0"])
+    assert serve_api_key(cfg.serve) == "from-env"
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["serve.host=0.0.0.0", "serve.api_key=from-config"])
+    assert serve_api_key(cfg.serve) == "from-config"  # the config wins over the environment
+    monkeypatch.setenv("CLCAE_API_KEY", "")
+    assert serve_api_key(load_config(ROOT / "configs" / "tiny.yaml").serve) is None  # empty = unset
