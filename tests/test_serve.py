@@ -327,15 +327,29 @@ def test_deeply_nested_json_is_a_400(server):
     assert r.status_code == 400 and r.json()["error"], r.text[:300]
 
 
-def test_serve_config_yaml_is_valid_for_serve_deploy():
+@pytest.mark.parametrize("name", ["config.yaml", "config.cluster.yaml"])
+def test_serve_config_yaml_is_valid_for_serve_deploy(name):
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve" / "config.yaml").read_text()))
+    from clcae.serving import admission_limit, ingress_limits
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve" / name).read_text()))
     app = schema.applications[0]
     assert app.import_path == "serve.app:build_app"
     assert {d.name for d in app.deployments} == {"InvertModel", "EditModel", "Api"}
-    assert all(d.max_queued_requests and d.max_queued_requests > 0 for d in app.deployments)
+    models = [d for d in app.deployments if d.name != "Api"]
+    assert all(d.max_queued_requests and d.max_queued_requests > 0 for d in models)
+    # The ingress's admission limit (from the builder's serve.*) matches what the model deployments can hold,
+    # and Serve's own ingress limits are left to the builder, which puts them above it.
+    args = dict(app.args)
+    cfg = load_config(ROOT / args.pop("config"), [f"{k}={v}" for k, v in args.items()])
+    held = min(d.autoscaling_config["max_replicas"] * (d.max_ongoing_requests + d.max_queued_requests)
+               for d in models)
+    assert admission_limit(cfg.serve) == held
+    api = next(d for d in app.deployments if d.name == "Api")
+    assert "max_ongoing_requests" not in api.model_fields_set and "max_queued_requests" not in api.model_fields_set
+    assert ingress_limits(cfg.serve)["max_queued_requests"] > admission_limit(cfg.serve)
 
 
 def test_builder_reads_args_as_config_and_overrides():
@@ -365,6 +379,33 @@ def test_api_key_is_required_when_configured():
     with pytest.raises(ConfigError, match="serve.host"):  # ...only on loopback
         load_config(ROOT / "configs" / "tiny.yaml", ["serve.host=0.0.0.0"])
     load_config(ROOT / "configs" / "tiny.yaml", ["serve.host=0.0.0.0", "serve.api_key=s3cret"])
+
+
+def _deployments(path: Path) -> dict:
+    import yaml
+
+    app = yaml.safe_load(path.read_text())["applications"][0]
+    return {d["name"]: d for d in app["deployments"]}
+
+
+def test_shipped_serve_config_fits_a_two_cpu_laptop():
+    """serve/config.yaml must become ready on 2 CPUs: every replica it may run, ingress included, fits."""
+    total = 0.0
+    for d in _deployments(ROOT / "serve" / "config.yaml").values():
+        replicas = d.get("autoscaling_config", {}).get("max_replicas", d.get("num_replicas", 1))
+        total += replicas * d.get("ray_actor_options", {}).get("num_cpus", 1)
+    assert total <= 2.0, f"serve/config.yaml asks for {total} CPUs at full scale"
+
+
+def test_cluster_serve_config_is_valid_and_sized_for_a_cluster():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    path = ROOT / "serve" / "config.cluster.yaml"
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    assert schema.applications[0].import_path == "serve.app:build_app"
+    models = {n: d for n, d in _deployments(path).items() if n != "Api"}
+    assert all(d["autoscaling_config"]["max_replicas"] > 1 for d in models.values())
 
 
 def test_api_key_from_the_environment_counts_for_the_host_check(monkeypatch):
