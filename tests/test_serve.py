@@ -439,3 +439,36 @@ def test_api_enforces_the_environment_key_of_the_process_that_built_it(server, m
         assert ok.status_code == 200, ok.text
     finally:
         serve.delete("keyed")
+
+
+# --------------------------------------------------------------------------------- serve/app.py as a command
+def _app(*args: str, timeout: float = 120):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("CLCAE_API_KEY", None)
+    return subprocess.run([sys.executable, str(ROOT / "serve" / "app.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_app_help_is_whole():
+    out = _app("--help")
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    assert "serve run serve/config.yaml" in text and "--checkpoint" in text
+    first = out.stdout.split("\n\n")[1]  # the description paragraph ends a sentence
+    assert first.rstrip().endswith((".", ")")), first
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--config", "configs/no-such-config.yaml"], "no-such-config.yaml"),
+    (["serve.max_replicsa=2"], "serve.max_replicsa"),
+    (["serve.host=0.0.0.0"], "serve.host"),
+    (["--checkpoint", "/no/such/dir/checkpoint.pt"], "/no/such/dir/checkpoint.pt"),
+])
+def test_app_user_errors_are_one_message_not_a_traceback(args, words):
+    out = _app(*args)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr and words in out.stderr, out.stderr[-2000:]
