@@ -182,7 +182,8 @@ def test_overload_answers_json_503_fast_and_recovers(server):
         assert r.headers["content-type"] == "application/json", (r.headers, r.text)
         assert "busy" in r.json()["error"] and int(r.headers["retry-after"]) >= 1
     latencies = sorted(t for _, t in rejected)
-    assert latencies[len(latencies) // 2] < 1.0, latencies  # refused at once, not after waiting in a queue
+    # refused at once, not after waiting in a queue (0.2-0.5 s measured with 80 connections on 2 busy cores)
+    assert latencies[len(latencies) // 2] < 1.5, latencies
     r = httpx.post(f"{server}/v1/invert?format=png", content=encoded(), timeout=60)
     assert r.status_code == 200  # recovered
 
