@@ -13,6 +13,7 @@ with ``torch.load(..., weights_only=True)``) and comes back with :func:`from_dic
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -187,7 +188,7 @@ class ServeConfig:
     model: str | None = None
     host: str = "127.0.0.1"  # loopback unless an API key is set
     port: int = 8000
-    api_key: str | None = None  # required in the X-API-Key header when set (or env CLCAE_API_KEY)
+    api_key: str | None = None  # required in the X-API-Key header when set; else env CLCAE_API_KEY (serve_api_key)
     max_body_mb: float = 10.0  # larger uploads get 413
     request_timeout_s: float = 30.0
     max_batch_size: int = 8  # @serve.batch on the inversion deployment
@@ -200,6 +201,18 @@ class ServeConfig:
     use_gpu: bool = False
     cpus_per_replica: float = 1.0
     max_strength: float = 10.0  # cap on |strength| on top of each direction's own max_strength
+
+
+API_KEY_ENV = "CLCAE_API_KEY"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def serve_api_key(serve: ServeConfig) -> str | None:
+    """The one decision on the API key: ``serve.api_key``, else the CLCAE_API_KEY environment variable, else
+    None (no key: the API is open, so it may only bind to loopback).  Both the host check below and the
+    ingress's auth use this; the Serve builder resolves it once and ships the result to the replicas, whose
+    environment (on other nodes) need not have the variable."""
+    return serve.api_key or os.environ.get(API_KEY_ENV) or None
 
 
 @dataclass
@@ -499,8 +512,9 @@ def _check_data_train_storage(cfg: CLCAEConfig, check: Check) -> None:
           "must be >= serve.max_batch_size, or batches can never fill")
     check(1 <= v.min_replicas <= v.max_replicas, "serve.min_replicas", "must be >= 1 and <= serve.max_replicas")
     check(v.max_queued_requests >= 1, "serve.max_queued_requests", "must be >= 1: a bounded queue")
-    check(v.host in ("127.0.0.1", "localhost", "::1") or bool(v.api_key), "serve.host",
-          "binding beyond loopback needs serve.api_key (or put a gateway in front and keep loopback)")
+    check(v.host in LOOPBACK_HOSTS or serve_api_key(v) is not None, "serve.host",
+          f"binding beyond loopback needs an API key: serve.api_key or {API_KEY_ENV} "
+          "(or put a gateway in front and keep loopback)")
     check((s.key is None) == (s.secret is None), "storage.secret" if s.key is not None else "storage.key",
           "storage.key and storage.secret go together: set both or neither")
 

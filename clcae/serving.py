@@ -4,9 +4,14 @@
       -> InvertModel    -- the Inverter, ``@serve.batch``: one model call for many concurrent requests
       -> EditModel      -- the Inverter's edit path (InterFaceGAN on w, GANSpace on w+, Eq. 6 on f)
 
-Both model deployments build the library's ``Inverter`` (the same object as the batch job).  Bounded queues:
-past ``max_queued_requests`` a request is refused at once with 503 + Retry-After instead of waiting; every
-bad input is a 4xx with a JSON ``{"error": ...}`` saying what was wrong.
+Both model deployments build the library's ``Inverter`` (the same object as the batch job).  Overload: the
+ingress admits at most ``admission_limit(serve)`` model-bound requests at once (what the model deployments can
+run and queue at full scale) and refuses the rest itself, before reading the body, with 503 + Retry-After and a
+JSON ``{"error": ...}``; a model deployment's full queue (``max_queued_requests``) is answered the same way.
+Serve's own limits on the ingress sit far above that, so Serve's plain-text 503 ("Request dropped due to
+backpressure") only comes from a flood past ``ingress_limits``.  Every bad input is a 4xx with a JSON
+``{"error": ...}`` saying what was wrong.  Image decoding, PNG encoding and JSON parsing run in a small thread
+pool, never on the ingress's event loop, so a slow upload does not hold up /healthz or other requests.
 
 Edits of an uploaded image run through the invert deployment first; the edit then re-runs the W+ attention
 from the returned residuals, so w+ follows an InterFaceGAN edit as in the in-process path.  f is not
@@ -16,10 +21,14 @@ recomputed from T3 (64x64x512 per image is too large to ship between replicas): 
 # No `from __future__ import annotations`: FastAPI must resolve the route signatures at run time.
 import asyncio
 import base64
+import contextlib
 import json
 import logging
+import math
 import os
-from typing import Any
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -28,11 +37,15 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from clcae.config import CLCAEConfig, from_dict, n_latent
+from clcae.config import CLCAEConfig, ServeConfig, from_dict, n_latent, serve_api_key
 
 log = logging.getLogger(__name__)
 
 API_KEY_HEADER = "x-api-key"
+# Serve's own concurrency limit on the ingress is the admission limit plus this much room: for cheap routes
+# (/healthz, /v1/directions) and for the requests being refused, which hold a slot for a few milliseconds.
+INGRESS_HEADROOM = 64
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -71,21 +84,90 @@ def _to_wire(t, dtype: str = "float32") -> dict[str, Any]:
     return {"dtype": str(arr.dtype), "shape": list(arr.shape), "data": base64.b64encode(arr.tobytes()).decode()}
 
 
-def _from_wire(obj: Any, name: str) -> np.ndarray:
+def _from_wire(obj: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A client's latent -> float32 array of ``shape``, or an ApiError: 400 for what is not numbers (strings,
+    booleans, null, ragged nesting, a broken wire form), 422 for numbers of the wrong shape or not finite in
+    float32 (NaN, inf, beyond +-3.4e38)."""
+    want = list(shape)
     if isinstance(obj, list):
         try:
-            return np.asarray(obj, np.float32)
-        except (TypeError, ValueError):
-            raise ApiError(400, f"latents.{name} must be a (nested) list of numbers") from None
-    if not isinstance(obj, dict) or not {"dtype", "shape", "data"} <= set(obj):
+            arr = np.asarray(obj)
+        except (ValueError, TypeError, OverflowError, RecursionError):  # ragged or absurdly deep nesting
+            raise ApiError(400, f"latents.{name} must be a nested list of numbers of shape {want}") from None
+        if arr.dtype.kind not in "iuf":  # 'U' strings, 'b' booleans, 'O' null/objects/ints beyond 64 bits
+            raise ApiError(400, f"latents.{name} must contain only numbers (shape {want})")
+    elif isinstance(obj, dict) and {"dtype", "shape", "data"} <= set(obj):
+        arr = _from_wire_dict(obj, name, want)
+    else:
         raise ApiError(400, f"latents.{name} must be a list or {{dtype, shape, data}} as returned by /v1/invert")
-    if obj["dtype"] not in ("float16", "float32"):
-        raise ApiError(400, f"latents.{name}.dtype must be float16 or float32")
+    if list(arr.shape) != want:
+        raise ApiError(422, f"latents.{name} has shape {list(arr.shape)}, expected {want}")
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused just below
+        arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise ApiError(422, f"latents.{name} contains NaN, infinite or out-of-range (beyond float32) values")
+    return arr
+
+
+def _from_wire_dict(obj: dict[str, Any], name: str, want: list[int]) -> np.ndarray:
+    dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    if dtype not in ("float16", "float32") or not isinstance(dtype, str):
+        raise ApiError(400, f"latents.{name}.dtype must be \"float16\" or \"float32\"")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                            for d in shape)):
+        raise ApiError(400, f"latents.{name}.shape must be a list of sizes, e.g. {want}")
+    if shape != want:  # before decoding: a lying shape must not size an allocation
+        raise ApiError(422, f"latents.{name} has shape {shape}, expected {want}")
+    if not isinstance(data, str):
+        raise ApiError(400, f"latents.{name}.data must be a base64 string")
     try:
-        arr = np.frombuffer(base64.b64decode(obj["data"], validate=True), dtype=obj["dtype"])
-        return arr.reshape([int(s) for s in obj["shape"]]).astype(np.float32)
-    except Exception:  # noqa: BLE001
-        raise ApiError(400, f"latents.{name}: data does not match dtype/shape") from None
+        raw = base64.b64decode(data, validate=True)
+    except ValueError:
+        raise ApiError(400, f"latents.{name}.data is not valid base64") from None
+    if len(raw) != math.prod(shape) * np.dtype(dtype).itemsize:
+        raise ApiError(400, f"latents.{name}: {len(raw)} bytes of data do not make a {dtype} array of shape {shape}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _finite_number(x: Any) -> float | None:
+    """x as a float if it is a finite JSON number (not a boolean, not an int too large for a float), else None."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return None
+    try:
+        value = float(x)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _short(x: Any, limit: int = 60) -> str:
+    """repr for an error message, cut short: clients may send megabytes."""
+    text = repr(x) if not isinstance(x, int) or abs(x) < 10**50 else f"an integer of {len(str(abs(x)))} digits"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def latent_shapes(cfg: CLCAEConfig) -> dict[str, tuple[int, ...]]:
+    """Per-image shapes of the latents /v1/invert returns and /v1/edit takes back: w, w+, f (G5's output,
+    FEATURE_RES x FEATURE_RES) and the encoder's residuals (like w+)."""
+    from clcae.models.stylegan2 import FEATURE_RES, channel_table
+
+    g = cfg.generator
+    channels = channel_table(g.channel_multiplier, g.channel_max)[FEATURE_RES]
+    w_plus = (n_latent(cfg), g.style_dim)
+    return {"w": (g.style_dim,), "w_plus": w_plus, "f": (channels, FEATURE_RES, FEATURE_RES), "deltas": w_plus}
+
+
+def admission_limit(s: ServeConfig) -> int:
+    """Model-bound requests (/v1/invert, /v1/edit) the ingress lets in at once: what the model deployments can
+    hold at full scale (running + queued on every replica).  The rest are refused at once with a JSON 503."""
+    return s.max_replicas * (s.max_ongoing_requests + s.max_queued_requests)
+
+
+def ingress_limits(s: ServeConfig) -> dict[str, int]:
+    """Serve's max_ongoing/max_queued for the ingress: above the admission limit, so the ingress's own JSON 503
+    answers overload and Serve's plain-text one is a last resort."""
+    ongoing = admission_limit(s) + INGRESS_HEADROOM
+    return {"max_ongoing_requests": ongoing, "max_queued_requests": ongoing}
 
 
 def _png(image) -> bytes:
@@ -158,14 +240,36 @@ class Api:
         self.cfg: CLCAEConfig = from_dict(config)
         self.directions = directions_from_config(self.cfg)
         self.page = page
-        self.api_key = self.cfg.serve.api_key or os.environ.get("CLCAE_API_KEY") or None
+        # build() already resolved the key into the config (see serve_api_key); resolving again is a no-op then
+        self.api_key = serve_api_key(self.cfg.serve)
         self.max_body = int(self.cfg.serve.max_body_mb * 2**20)
-        g = self.cfg.generator
-        self.shapes = {"w": (g.style_dim,), "w_plus": (n_latent(self.cfg), g.style_dim)}
+        self.shapes = latent_shapes(self.cfg)
+        self.admission_limit = admission_limit(self.cfg.serve)
+        self.in_flight = 0  # model-bound requests admitted and not finished (one event loop: no lock needed)
+        # Decoding a large upload takes up to a second of CPU; on the event loop it would stall every other
+        # request, /healthz included.  PIL and torch release the GIL while they work.  Few threads: each
+        # decode may hold ~0.5 GB (MAX_PIXELS), and the bound keeps memory bounded too.
+        self.pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="clcae-decode")
 
     # ------------------------------------------------------------------------------------ helpers
     def _auth(self, request: Request) -> None:
         check_api_key(self.api_key, request.headers.get(API_KEY_HEADER))
+
+    async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU-bound work (decode, encode, parse) in the pool, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Admission control for model-bound requests: past the limit, a JSON 503 before the body is read (not
+        queued, not decoded).  Serve's ingress queue would answer later and in plain text."""
+        if self.in_flight >= self.admission_limit:
+            raise ApiError(503, "server busy: the request queue is full, retry shortly", {"Retry-After": "1"})
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     async def _body(self, request: Request) -> bytes:
         length = request.headers.get("content-length")
@@ -180,8 +284,10 @@ class Api:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _image_and_fields(self, request: Request) -> tuple[bytes | None, dict[str, str]]:
-        """Image bytes from a multipart form (field 'image') or a raw body; other form fields as strings."""
+    async def _image_and_fields(self, request: Request) -> tuple[bytes | None, str, dict[str, str]]:
+        """Image bytes from a multipart form (field 'image') or a raw body, the name errors call it by, and the
+        other form fields as strings."""
+        unnamed = "the uploaded image"
         body = await self._body(request)
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
@@ -200,27 +306,32 @@ class Api:
             upload = form.get("image")
             fields = {k: v for k, v in form.items() if isinstance(v, str)}
             if upload is None or isinstance(upload, str):
-                return None, fields
-            return await upload.read(), fields
+                return None, unnamed, fields
+            name = _short(upload.filename, 100) if upload.filename else unnamed
+            return await upload.read(), name, fields
         if ctype.startswith("application/json"):
-            return None, {"_json": body.decode("utf-8", "replace")}
-        return body, {}
+            return None, unnamed, {"_json": body.decode("utf-8", "replace")}
+        return body, unnamed, {}
 
-    def _decode(self, data: bytes | None) -> np.ndarray:
-        from clcae.data.images import InputError, decode_image, pil_to_tensor
+    def _decode(self, data: bytes | None, name: str) -> np.ndarray:
+        """Runs in the pool (see _offload)."""
+        from clcae.data.images import InputError, UnreadableImageError, decode_image, pil_to_tensor
 
         if data is None:
             raise ApiError(400, "no image: send the file as the request body or as the multipart field 'image'")
         try:
-            im = decode_image(data)
+            im = decode_image(data, name)
         except InputError as exc:
-            raise ApiError(415 if "not a readable image" in str(exc) else 400, f"bad image: {exc}") from None
+            raise ApiError(415 if isinstance(exc, UnreadableImageError) else 400, f"bad image: {exc}") from None
         if min(im.size) < 16:
-            raise ApiError(400, f"bad image: {im.width}x{im.height} is too small (at least 16 px a side)")
+            raise ApiError(400, f"bad image: {name} is {im.width}x{im.height}: too small (at least 16 px a side)")
         x = pil_to_tensor(im, tuple(self.cfg.encoder.input_size))
         return ((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
 
     async def _call(self, handle: DeploymentHandle, *args: Any) -> Any:
+        from clcae.data.images import InputError
+        from clcae.editing import EditError
+
         try:
             return await asyncio.wait_for(handle.remote(*args), timeout=self.cfg.serve.request_timeout_s)
         except BackPressureError:
@@ -230,6 +341,14 @@ class Api:
             raise ApiError(503, "model deployment unavailable, retry shortly", {"Retry-After": "5"}) from None
         except TimeoutError:
             raise ApiError(504, f"model did not answer within {self.cfg.serve.request_timeout_s:g} s") from None
+        except Exception as exc:
+            # The model's own checks are the last line (a checkpoint whose shapes differ from the serving
+            # config's): the client's input was wrong, not the server.  Ray wraps the replica's exception and
+            # keeps it as .cause; str() of the wrapper is a traceback.
+            cause = getattr(exc, "cause", exc)
+            if isinstance(cause, InputError | EditError):
+                raise ApiError(422, str(cause)) from None
+            raise
 
     def _edits(self, raw: Any) -> list[tuple[str, float]]:
         from clcae.editing import EditError
@@ -237,8 +356,8 @@ class Api:
         if isinstance(raw, str):
             try:
                 raw = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise ApiError(400, f"'edits' is not valid JSON: {exc}") from None
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError, over-long integers, deep nesting
+                raise ApiError(400, f"'edits' is not valid JSON: {_short(str(exc), 200)}") from None
         if isinstance(raw, dict):
             raw = [{"direction": k, "strength": v} for k, v in raw.items()]
         if not isinstance(raw, list) or not raw:
@@ -247,19 +366,21 @@ class Api:
         for e in raw:
             if not isinstance(e, dict) or "direction" not in e or "strength" not in e:
                 raise ApiError(400, "each edit needs 'direction' and 'strength'")
-            name, strength = e["direction"], e["strength"]
-            if not isinstance(strength, int | float) or isinstance(strength, bool) or not np.isfinite(strength):
-                raise ApiError(422, f"strength of {name!r} must be a finite number, got {strength!r}")
+            name, strength = e["direction"], _finite_number(e["strength"])
+            if not isinstance(name, str):
+                raise ApiError(400, f"'direction' must be a name (a string), got {_short(name)}")
+            if strength is None:
+                raise ApiError(422, f"strength of {name!r} must be a finite number, got {_short(e['strength'])}")
             if name not in self.directions.names():
-                raise ApiError(404, f"unknown direction {name!r}; known: {self.directions.names()}")
+                raise ApiError(404, f"unknown direction {_short(name)}; known: {self.directions.names()}")
             cap = self.cfg.serve.max_strength
             if abs(strength) > cap:
                 raise ApiError(422, f"strength {strength} of {name!r} is out of range [-{cap:g}, {cap:g}]")
             try:
-                self.directions.check_strength(name, float(strength))
+                self.directions.check_strength(name, strength)
             except EditError as exc:
                 raise ApiError(422, str(exc)) from None
-            edits.append((name, float(strength)))
+            edits.append((name, strength))
         return edits
 
     def _latents(self, raw: Any) -> dict[str, np.ndarray]:
@@ -268,13 +389,20 @@ class Api:
         missing = [k for k in ("w", "w_plus", "f") if k not in raw]
         if missing:
             raise ApiError(400, f"latents are missing {missing}")
-        out = {k: _from_wire(raw[k], k) for k in ("w", "w_plus", "f", "deltas") if k in raw}
-        for k, shape in {**self.shapes, "deltas": self.shapes["w_plus"]}.items():
-            if k in out and out[k].shape != shape:
-                raise ApiError(422, f"latents.{k} has shape {list(out[k].shape)}, expected {list(shape)}")
-        if any(not np.isfinite(v).all() for v in out.values()):
-            raise ApiError(422, "latents contain NaN or infinite values")
-        return out
+        # every latent the model receives is checked here: shape, numbers only, finite in float32
+        return {k: _from_wire(raw[k], k, self.shapes[k]) for k in ("w", "w_plus", "f", "deltas") if k in raw}
+
+    def _edit_request(self, text: str) -> tuple[list[tuple[str, float]], dict[str, np.ndarray], Any]:
+        """A JSON /v1/edit body -> (edits, latents, format).  Runs in the pool: parsing megabytes of JSON and
+        checking the latents is CPU work."""
+        try:
+            payload = json.loads(text)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, over-long integers, deep nesting
+            raise ApiError(400, f"malformed JSON body: {_short(str(exc), 200)}") from None
+        if not isinstance(payload, dict):
+            raise ApiError(400, "the JSON body must be an object with 'latents' and 'edits'")
+        edits = self._edits(payload.get("edits"))
+        return edits, self._latents(payload.get("latents")), payload.get("format")
 
     # ------------------------------------------------------------------------------------ routes
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -310,9 +438,10 @@ class Api:
         self._auth(request)
         if format not in ("json", "png"):
             raise ApiError(400, f"format must be 'json' or 'png', got {format!r}")
-        data, _ = await self._image_and_fields(request)
-        res = await self._call(self.inverter, self._decode(data))
-        png = _png(res["image"])
+        with self._admitted():
+            data, name, _ = await self._image_and_fields(request)
+            res = await self._call(self.inverter, await self._offload(self._decode, data, name))
+            png = await self._offload(_png, res["image"])
         if format == "png":
             return Response(png, media_type="image/png")
         return JSONResponse({
@@ -328,31 +457,27 @@ class Api:
         """Edit an image (multipart: 'image' + 'edits' JSON) or latents from /v1/invert (JSON body:
         {"latents": ..., "edits": [{"direction": "smile", "strength": 2}]}); PNG by default, or JSON."""
         self._auth(request)
-        data, fields = await self._image_and_fields(request)
-        if "_json" in fields:
-            try:
-                payload = json.loads(fields["_json"])
-            except json.JSONDecodeError as exc:
-                raise ApiError(400, f"malformed JSON body: {exc}") from None
-            if not isinstance(payload, dict):
-                raise ApiError(400, "the JSON body must be an object with 'latents' and 'edits'")
-            edits = self._edits(payload.get("edits"))
-            latents = self._latents(payload.get("latents"))
-            format = payload.get("format", format)
-        else:
-            edits = self._edits(fields.get("edits"))
-            format = fields.get("format", format)
-            inverted = await self._call(self.inverter, self._decode(data))
-            latents = {k: inverted[k].numpy() for k in ("w", "w_plus", "f", "deltas")}
-        if format not in ("json", "png"):
-            raise ApiError(400, f"format must be 'json' or 'png', got {format!r}")
-        out = await self._call(self.editor, latents, edits)
-        png = _png(out["image"])
-        if format == "png":
-            return Response(png, media_type="image/png")
+        with self._admitted():
+            data, name, fields = await self._image_and_fields(request)
+            if "_json" in fields:
+                edits, latents, requested = await self._offload(self._edit_request, fields["_json"])
+            else:
+                edits = self._edits(fields.get("edits"))
+                requested = fields.get("format")
+            format = format if requested is None else requested
+            if format not in ("json", "png"):
+                raise ApiError(400, f"format must be 'json' or 'png', got {_short(format)}")
+            if "_json" not in fields:
+                inverted = await self._call(self.inverter, await self._offload(self._decode, data, name))
+                latents = {k: inverted[k].numpy() for k in ("w", "w_plus", "f", "deltas")}
+            out = await self._call(self.editor, latents, edits)
+            png = await self._offload(_png, out["image"])
+            if format == "png":
+                return Response(png, media_type="image/png")
+            recon = await self._offload(_png, out["reconstruction"])
         return JSONResponse({"edits": [{"direction": n, "strength": s} for n, s in edits],
                              "image_png": base64.b64encode(png).decode(),
-                             "reconstruction_png": base64.b64encode(_png(out["reconstruction"])).decode()})
+                             "reconstruction_png": base64.b64encode(recon).decode()})
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -372,6 +497,9 @@ def build(cfg: CLCAEConfig, page: str = ""):
         source, cfg = prepare(cfg.serve.model, cfg)
     s = cfg.serve
     config = to_dict(cfg)
+    # The API key is decided here, once, in the process that validated the config against it (serve.host), and
+    # travels with the config: a replica on another node need not have CLCAE_API_KEY in its environment.
+    config["serve"]["api_key"] = serve_api_key(s)
     actor = {"num_cpus": s.cpus_per_replica, "num_gpus": 1 if s.use_gpu else 0}
     autoscaling = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                    "target_ongoing_requests": s.target_ongoing_requests}
@@ -381,8 +509,7 @@ def build(cfg: CLCAEConfig, page: str = ""):
                       backpressure_config=backpressure, health_check_period_s=10)
     inverter = InvertModel.options(**model_opts).bind(config, source)
     editor = EditModel.options(**model_opts).bind(config, source)
-    return Api.options(ray_actor_options={"num_cpus": min(0.5, s.cpus_per_replica)},
-                       max_ongoing_requests=4 * s.max_ongoing_requests, max_queued_requests=4 * s.max_queued_requests,
+    return Api.options(ray_actor_options={"num_cpus": min(0.5, s.cpus_per_replica)}, **ingress_limits(s),
                        backpressure_config=backpressure).bind(inverter, editor, config, page)
 
 

@@ -1,6 +1,7 @@
-"""Serve entry point: `serve run serve.app:build_app config=configs/tiny.yaml [model=...]`, `serve run
-serve/config.yaml`, or `python serve/app.py --config ... [--model ...]` (starts Serve on serve.host:port).
+"""Serve the CLCAE API and web editor (starts Ray Serve on serve.host:serve.port).
 
+Other ways to start the same app: `serve run serve.app:build_app config=configs/tiny.yaml [model=...]`,
+`serve run serve/config.yaml` (a 2-CPU machine), or `serve deploy serve/config.cluster.yaml` (a cluster).
 The model is a registry name (clcae-ffhq), the authors' file, our checkpoint or run directory, or an export.
 
 The deployments live in clcae/serving.py; this file only reads the config and the web page.
@@ -16,8 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clcae.config import load_config  # noqa: E402
+from clcae.config import ConfigError, load_config  # noqa: E402
 from clcae.serving import build, start  # noqa: E402
+from clcae.weights import WeightsError  # noqa: E402
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 
@@ -39,18 +41,29 @@ def build_app(args: dict[str, str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     parser.add_argument("--model", "--checkpoint", dest="model", default=None,
                         help="registry name, the authors' file, our checkpoint or run directory, or an export")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides) + ([f"serve.model={args.model}"] if args.model else [])
-    cfg = load_config(args.config, overrides)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:  # a user's mistake: the message names the key; a traceback would bury it
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     from clcae.train.runtime import init_ray
 
     init_ray()
-    start(cfg, page())
+    try:
+        start(cfg, page())  # resolves the model here, in the driver, before any replica starts
+    except WeightsError as exc:  # a missing or unusable model file: the user's to fix
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # serve.run: "Deploying application clcae failed: ..." (details logged above)
+        print(f"serving failed to start: {exc}", file=sys.stderr)
+        return 1
     print(f"serving on http://{cfg.serve.host}:{cfg.serve.port}/ (Ctrl-C to stop)")
     try:
         while True:

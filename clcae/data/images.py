@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Decompression-bomb guard: far above any real photo, far below what would exhaust memory.
 MAX_PIXELS = 64_000_000
@@ -26,23 +26,33 @@ class InputError(ValueError):
     """An input image or latent that cannot be used, with the reason."""
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Encoded bytes -> RGB PIL image, with an InputError saying why for anything unusable."""
+class UnreadableImageError(InputError):
+    """Bytes that are not an image any installed decoder reads (a client sent the wrong kind of file)."""
+
+
+def decode_image(data: bytes, name: str = "the image") -> Image.Image:
+    """Encoded bytes -> RGB PIL image, with an InputError saying why for anything unusable.  ``name`` says which
+    input in messages (a file name, "the uploaded image"): PIL would name its in-memory buffer instead."""
     if not data:
-        raise InputError("empty file (0 bytes)")
+        raise InputError(f"{name} is an empty file (0 bytes)")
+    buf = io.BytesIO(data)
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(buf) as im:
             if im.width * im.height > MAX_PIXELS:
-                raise InputError(f"image is {im.width}x{im.height}: over the {MAX_PIXELS:,}-pixel limit")
+                raise InputError(f"{name} is {im.width}x{im.height}: over the {MAX_PIXELS:,}-pixel limit")
             im.load()
             # Phone photos store their rotation in EXIF; apply it so what we invert is what a viewer shows.
             return to_rgb(ImageOps.exif_transpose(im))
     except (InputError, MemoryError):  # MemoryError: the process's memory, not the image (bombs are caught above)
         raise
     except Image.DecompressionBombError as exc:
-        raise InputError(f"image refused as a decompression bomb: {exc}") from None
+        raise InputError(f"{name} refused as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise UnreadableImageError(f"{name} is not a readable image (no installed decoder knows its format)") \
+            from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt data
-        raise InputError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+        detail = str(exc).replace(repr(buf), name)  # some PIL messages quote the file object
+        raise UnreadableImageError(f"{name} is not a readable image ({type(exc).__name__}: {detail})") from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
