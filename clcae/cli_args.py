@@ -8,7 +8,8 @@
 * :func:`default_config` names a shipped config by its absolute path, so a default works from any folder (not
   only from the repository root, which ``default="configs/tiny.yaml"`` needed).
 * :func:`config_file` (an argparse ``type``) keeps a ``--config`` path as typed when it exists where the user
-  is, and otherwise finds a shipped config named relative to the repository (``configs/ffhq.yaml``).
+  is, and otherwise finds a shipped config named relative to the repository (``configs/ffhq.yaml``); so does
+  ``load_config`` itself, for the entry points that pass the path on as typed (jobs/train.py, serve/app.py).
 * :func:`parse_with_overrides` moves every ``key=value`` override out of the way before argparse runs: an option
   with ``nargs="+"`` (``--actors 1 2``, ``--input a b``) otherwise swallows the override that follows it and
   fails (``invalid int value``) or, worse, takes it for an input.  An option's own value stays its own, even when
@@ -20,9 +21,9 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from clcae.config import REPO_ROOT, find_config
+
 CONFIG_DIR = REPO_ROOT / "configs"
 
 # A config override: a dotted key (loss.lpips, directions.smile.path), '=', anything.  A URI or a path with '='
@@ -36,14 +37,10 @@ def default_config(name: str = "tiny") -> str:
 
 
 def config_file(value: str) -> str:
-    """argparse ``type`` of ``--config``: the path as typed (relative to where the command runs) when that file
-    exists; else, if the path names a config shipped with the platform (relative to the repository, as the README
-    writes ``configs/ffhq.yaml``), that file; else the path as typed, for ``load_config`` to report missing."""
-    path = Path(value).expanduser()
-    if path.is_file() or path.is_absolute():
-        return str(path)
-    shipped = REPO_ROOT / path
-    return str(shipped) if shipped.is_file() else str(path)
+    """argparse ``type`` of ``--config``: :func:`clcae.config.find_config` (the path as typed when that file exists,
+    else a shipped config named relative to the repository, else as typed for ``load_config`` to report missing),
+    so the namespace shows the file that will be read."""
+    return str(find_config(value))
 
 
 def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,

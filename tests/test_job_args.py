@@ -67,6 +67,19 @@ def test_a_shipped_config_named_relative_to_the_repository_is_found_from_another
     assert Path(config_file("configs/ffhq.yaml")).resolve() == (tmp_path / "configs" / "ffhq.yaml").resolve()
 
 
+def test_load_config_finds_shipped_configs_from_another_folder(monkeypatch, tmp_path):
+    """The entry points that pass --config on as typed (jobs/train.py, serve/app.py, make_shards) keep working from
+    another folder: their default "configs/tiny.yaml" and the README's "configs/ffhq.yaml" are the shipped files."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/ffhq.yaml").name == "ffhq"
+    ns, stage, _ = script("jobs/train.py").parse(["stage=contrastive", "--run-name", "x"])
+    assert load_config(ns.config).name == "tiny"
+    from clcae.config import ConfigError
+
+    with pytest.raises(ConfigError, match="config file not found: configs/nope.yaml"):
+        load_config("configs/nope.yaml")
+
+
 class Recorded(Exception):
     """Raised by a stand-in for a Ray-facing call once it has recorded its arguments."""
 
