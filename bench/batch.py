@@ -1,6 +1,7 @@
 """Throughput of the bulk inversion job (jobs/invert.py) against a plain PyTorch loop, and its peak memory.
 
     python bench/batch.py [--images 256] [--batch 16] [--actors 1 2] [--memory-images 0] [--out FILE.json]
+                          [key=value ...]   (config overrides, anywhere on the line)
 
 * ``plain``: one process decodes the same image files and runs ``Inverter.invert`` in batches of ``--batch``.
 * ``ray_Na``: ``clcae.batch.invert_to_table`` with N inversion actors, same model and batch size, writing the
@@ -34,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
+from clcae.cli_args import config_file, default_config, parse_with_overrides  # noqa: E402
 from clcae.config import load_config  # noqa: E402
 
 
@@ -110,9 +112,9 @@ def ray_job(cfg, folder: Path, out: Path) -> dict:
     return {k: summary[k] for k in ("inputs", "written", "errors", "seconds", "images_per_s")}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
+    parser.add_argument("--config", type=config_file, default=default_config("tiny"))
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=96, help="side of the generated input files")
     parser.add_argument("--batch", type=int, default=16)
@@ -121,8 +123,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-images", type=int, default=0, help="images for the streaming-memory run (0: skip)")
     parser.add_argument("--object-store-mb", type=int, default=100)
     parser.add_argument("--out", default=None)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_intermixed_args(argv)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides (anywhere on the line)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    # key=value overrides are taken out first: `--actors 1 encoder.input_size=[128,128]` would otherwise hand the
+    # override to --actors (nargs="+") and fail with "invalid int value"
+    return parse_with_overrides(build_parser(), argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     import ray
 
     base = load_config(args.config, [f"infer.batch_size={args.batch}", *args.overrides])

@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from clcae.cli_args import config_file, default_config  # noqa: E402
+
 
 def load_once(model: str, out: str) -> None:
     """Child process: load, invert one fixed image, save the image; print seconds and peak RSS as JSON."""
@@ -62,13 +64,17 @@ def make_checkpoint(config: str, folder: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "ffhq.yaml"))
+    p.add_argument("--config", type=config_file, default=default_config("ffhq"))
     p.add_argument("--rounds", type=int, default=3, help="interleaved load rounds (the first warms the cache)")
     p.add_argument("--out", default=None, help="write the JSON here too")
     p.add_argument("--load", nargs=2, metavar=("MODEL", "IMAGE_OUT"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.load:
         load_once(*args.load)
         return 0

@@ -61,6 +61,7 @@ for _key, _value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INT
 import torch  # noqa: E402
 from torchvision.transforms.functional import gaussian_blur  # noqa: E402
 
+from clcae.cli_args import parse_with_overrides  # noqa: E402
 from clcae.config import CLCAEConfig, DirectionConfig, load_config  # noqa: E402
 from clcae.data.synthesis import seed_z  # noqa: E402
 from clcae.editing import save_interfacegan  # noqa: E402
@@ -620,7 +621,7 @@ def finite(obj):
     return obj
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps, images and seeds (about 5 min)")
     parser.add_argument("--out", default=None, help="output folder (default outputs/fidelity[_quick])")
@@ -636,8 +637,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep OUT/store (shards, checkpoints: about 0.7 GB per seed) after the run")
     parser.add_argument("--render", action="store_true",
                         help="only rewrite OUT/results.md from OUT/results.json (with this file's current notes)")
-    parser.add_argument("overrides", nargs="*", help="config overrides for every run, key=value")
-    args = parser.parse_intermixed_args(argv)
+    parser.add_argument("overrides", nargs="*", help="config overrides for every run, key=value (anywhere)")
+    # overrides are taken out first, so `--seeds 0 1 loss.l2=2` does not hand the override to --seeds
+    return parse_with_overrides(parser, argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out or ROOT / "outputs" / ("fidelity_quick" if args.quick else "fidelity")).resolve()
     if args.render:

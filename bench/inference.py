@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from clcae.cli_args import config_file, default_config
 from clcae.config import CLCAEConfig, load_config
 from clcae.factory import build_clcae
 from clcae.inference import Inverter, pick_device
@@ -58,7 +59,7 @@ from clcae.models.encoder import PSPEncoder
 from clcae.models.stylegan2 import Generator
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "ffhq.yaml"
+DEFAULT_CONFIG = Path(default_config("ffhq"))
 CASES = ("generator", "clcae_w", "clcae_w_plus", "clcae_inference", "psp", "clcae_train_forward")
 LABELS = {
     "generator": "G(w+) alone (generator only)",
@@ -405,7 +406,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="skip the FLOP count (one extra batch-1 call per case and size)")
     p.add_argument("--no-peak", dest="peak", action="store_false", help="skip the matmul peak measurement")
     p.add_argument("--quick", action="store_true", help="size 256, batch 1, 3 repeats")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.add_argument("--config", type=lambda v: Path(config_file(v)), default=DEFAULT_CONFIG)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
     p.add_argument("--out", type=Path, help="also write the JSON here, and the markdown table next to it (.md)")
     p.add_argument("--md", type=Path, help="write the markdown table here (default: --out with suffix .md)")

@@ -34,6 +34,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from clcae.cli_args import config_file, default_config, parse_with_overrides  # noqa: E402
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 HOST = "127.0.0.1"  # loopback only: the bench never sends traffic anywhere else
@@ -202,9 +205,9 @@ def run_setting(name: str, cfg, args: argparse.Namespace, image: bytes) -> dict[
     }
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
+    p.add_argument("--config", type=config_file, default=default_config("tiny"))
     p.add_argument("--model", "--checkpoint", dest="model", default=None, help="the model to serve (serve.model)")
     p.add_argument("--requests", type=int, default=200, help="timed requests per setting")
     p.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
@@ -216,7 +219,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="logical CPUs for the local Ray (default max(4, 2*cores))")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. serve.cpus_per_replica=2)")
-    args = p.parse_intermixed_args(argv)
+    args = parse_with_overrides(p, argv)
     for name in ("requests", "concurrency", "replicas", "image_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

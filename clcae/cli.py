@@ -127,8 +127,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(fn=cmd_export)
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def build_parser() -> argparse.ArgumentParser:
+    """The ``clcae`` command's parser (tests/test_docs.py parses the README's ``clcae ...`` lines with it)."""
     parser = argparse.ArgumentParser(prog="clcae", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="group", required=True)
     weights = sub.add_parser("weights", help="official weight files").add_subparsers(dest="cmd", required=True)
@@ -144,7 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     _export_args(weights.add_parser("convert", help="the authors' file (or any model) -> our exported format "
                                                     "(same as `clcae export`)"))
     _export_args(sub.add_parser("export", help="a model -> one .safetensors file (weights + model config)"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
     return args.fn(args)
 
 

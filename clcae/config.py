@@ -256,13 +256,29 @@ class ConfigError(ValueError):
 # Public API
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_config(path: str | Path) -> Path:
+    """A config path as typed (relative to the working directory) when that file exists; else, for a relative path
+    that names a config shipped with the platform (``configs/ffhq.yaml``, as the README and the jobs' defaults write
+    it), that file; else the path as typed, which :func:`load_config` reports missing.  So the shipped configs are
+    found from any folder, not only from the repository root, and a user's own file of the same name still wins."""
+    p = Path(path).expanduser()
+    if p.is_file() or p.is_absolute():
+        return p
+    shipped = REPO_ROOT / p
+    return shipped if shipped.is_file() else p
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> CLCAEConfig:
-    """Defaults <- YAML file (after its ``base:`` chain) <- ``key=value`` overrides, then validated."""
+    """Defaults <- YAML file (after its ``base:`` chain) <- ``key=value`` overrides, then validated.
+    ``path`` is found with :func:`find_config`."""
     if isinstance(overrides, str):
         raise ConfigError(f"overrides must be a list of 'key=value' strings, got the string {overrides!r}")
     conf = OmegaConf.structured(CLCAEConfig)
     if path is not None:
-        for raw, source in _load_yaml_chain(Path(path), ()):
+        for raw, source in _load_yaml_chain(find_config(path), ()):
             conf = _merge(conf, raw, source)
     for item in overrides:
         conf = _merge(conf, _parse_override(item), f"override {item!r}")

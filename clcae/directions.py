@@ -1,6 +1,6 @@
 """Fit editing directions: GANSpace (PCA of sampled W codes) and InterFaceGAN (a linear SVM on labelled latents).
 
-    pca = fit_ganspace(generator, n_samples=100_000, components=80, seed=0)
+    pca = fit_ganspace(generator, n_samples=100_000, seed=0)  # min(80, style_dim) components
     save_ganspace(pca, "pretrained/editing/pca.pt")                  # e4e's {mean, comp, std} file
 
     X, y = load_labelled_latents("s3://b/latents", "labels.csv", "smile")   # join on `key`
@@ -52,6 +52,8 @@ from clcae.editing import GANSpacePCA
 log = logging.getLogger(__name__)
 
 SPACES = ("w", "w_plus")
+# GANSpace components kept by default: e4e's ffhq_pca.pt has 80 of a 512-wide W; a narrower W keeps all it has.
+DEFAULT_COMPONENTS = 80
 LABEL_KINDS = ("auto", "binary", "continuous")
 
 
@@ -80,14 +82,21 @@ def sample_w(generator: torch.nn.Module, n_samples: int, seed: int = 0, batch: i
         done += n
 
 
-def fit_ganspace_report(generator: torch.nn.Module, n_samples: int = 100_000, components: int = 80, seed: int = 0,
-                        batch: int = 10_000) -> tuple[GANSpacePCA, dict[str, Any]]:
-    """:func:`fit_ganspace` plus a JSON-ready summary (samples, explained variance ratio, method)."""
+def fit_ganspace_report(generator: torch.nn.Module, n_samples: int = 100_000, components: int | None = None,
+                        seed: int = 0, batch: int = 10_000) -> tuple[GANSpacePCA, dict[str, Any]]:
+    """:func:`fit_ganspace` plus a JSON-ready summary (samples, explained variance ratio, method).
+    ``components=None`` keeps min(DEFAULT_COMPONENTS, style_dim)."""
     from sklearn.decomposition import PCA, IncrementalPCA
 
     d = int(generator.style_dim)
-    if not 1 <= components <= d:
-        raise DirectionFitError(f"components = {components}: must be in 1..{d} (the style dimension)")
+    if components is None:
+        components = min(DEFAULT_COMPONENTS, d)
+    if components > d:
+        raise DirectionFitError(f"asked for {components} components, but the generator's W has {d} dimensions "
+                                f"(generator.style_dim): at most {d} principal components exist; ask for fewer, or "
+                                f"leave the number out for min({DEFAULT_COMPONENTS}, style_dim)")
+    if components < 1:
+        raise DirectionFitError(f"components = {components}: must be at least 1")
     if n_samples < components + 1:
         raise DirectionFitError(f"n_samples = {n_samples}: need more samples than components ({components})")
     if batch < components:
@@ -131,7 +140,7 @@ def fit_ganspace_report(generator: torch.nn.Module, n_samples: int = 100_000, co
     return result, report
 
 
-def fit_ganspace(generator: torch.nn.Module, n_samples: int = 100_000, components: int = 80, seed: int = 0,
+def fit_ganspace(generator: torch.nn.Module, n_samples: int = 100_000, components: int | None = None, seed: int = 0,
                  batch: int = 10_000) -> GANSpacePCA:
     """PCA of ``mapping(z)`` over ``n_samples`` seeded z ~ N(0, I): unit components ``comp`` (K, D) sorted by
     decreasing ``std`` (K,) = sqrt(explained variance), ``mean`` (D,). Write it with ``save_ganspace``."""
@@ -476,8 +485,8 @@ def generator_for(cfg: CLCAEConfig, checkpoint: str | None = None) -> torch.nn.M
                        "checkpoint")
 
 
-def fit_ganspace_to_file(generator: torch.nn.Module, out: str, n_samples: int = 100_000, components: int = 80,
-                         seed: int = 0, batch: int = 10_000) -> dict[str, Any]:
+def fit_ganspace_to_file(generator: torch.nn.Module, out: str, n_samples: int = 100_000,
+                         components: int | None = None, seed: int = 0, batch: int = 10_000) -> dict[str, Any]:
     """Fit, write e4e's PCA file to ``out`` (any URI) and check it loads back; returns the summary."""
     from clcae.editing import load_ganspace, save_ganspace
 

@@ -120,7 +120,7 @@ def resolve(spec: str, storage: StorageConfig | None = None) -> ModelSource:
         source.name = spec
         source.model_id = spec
         return source
-    from clcae.data.storage import filesystem
+    from clcae.data.storage import absolute, filesystem
 
     fs, path = filesystem(spec, storage or StorageConfig())
     if not fs.exists(path):
@@ -129,11 +129,17 @@ def resolve(spec: str, storage: StorageConfig | None = None) -> ModelSource:
             hint = f" (registry names: {', '.join(RELEASES)})"
         raise MissingWeightsError(f"model not found: {spec} is neither a file, a run directory nor a registry "
                                   f"name{hint}")
+    # The source's uri travels to Ray actors and Serve replicas, which may run in another folder: a relative path
+    # is made absolute here, where the user typed it. ``name`` keeps what was typed, for messages.
+    uri = absolute(spec)
     if fs.isdir(path):
-        return resolve(newest_checkpoint(spec, storage), storage)
-    if spec.endswith(".safetensors"):
-        return _resolve_export(spec, storage)
-    return _resolve_torch_file(spec)
+        source = resolve(newest_checkpoint(uri, storage), storage)
+    elif spec.endswith(".safetensors"):
+        source = _resolve_export(uri, storage)
+    else:
+        source = _resolve_torch_file(uri)
+    source.name = spec
+    return source
 
 
 def newest_checkpoint(uri: str, storage: StorageConfig | None = None) -> str:
@@ -268,7 +274,7 @@ def _generator_for(opts: Mapping[str, Any], uri: str) -> str | None:
         found = _find(name, beside)
         if found is not None:
             return str(found)
-    return named if named and os.path.isfile(named) else None
+    return os.path.abspath(named) if named and os.path.isfile(named) else None
 
 
 # ------------------------------------------------------------------------------------------------ exports

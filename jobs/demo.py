@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from clcae.cli_args import default_config, parse_with_overrides  # noqa: E402
 from clcae.config import DirectionConfig, load_config  # noqa: E402
 from clcae.data.images import encode_png, image_grid, tensor_to_pil  # noqa: E402
 from clcae.data.synthesis import seed_z  # noqa: E402
@@ -122,7 +123,7 @@ def run(out: Path, overrides: list[str], stage1_steps: int, stage2_steps: int, n
         shutil.rmtree(out)
     store = out / "store"                      # the "object store": any URI works here, s3:// included
     base = [f"train.storage_path={store / 'runs'}", *overrides]
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", base)
+    cfg = load_config(default_config("tiny"), base)
     generator, _ = build_generator(cfg)
 
     log.info("1/5 rendering %d photos and sharding them", n_photos)
@@ -134,12 +135,12 @@ def run(out: Path, overrides: list[str], stage1_steps: int, stage2_steps: int, n
     synthesize(cfg, str(store / "shards" / "pairs"), n=n_pairs, rows_per_shard=32)
 
     log.info("3/5 stage 1: contrastive alignment, %d steps", stage1_steps)
-    s1 = load_config(ROOT / "configs" / "tiny.yaml", [*base, f"data.pairs=[{store / 'shards' / 'pairs'}]",
+    s1 = load_config(default_config("tiny"), [*base, f"data.pairs=[{store / 'shards' / 'pairs'}]",
                                                       f"train.max_steps={stage1_steps}", "data.batch_size=8",
                                                       f"train.checkpoint_every={stage1_steps}"])
     r1 = fit(s1, "contrastive", "demo-s1")
     log.info("4/5 stage 2: inversion, %d steps", stage2_steps)
-    s2 = load_config(ROOT / "configs" / "tiny.yaml", [
+    s2 = load_config(default_config("tiny"), [
         *base, f"data.train=[{store / 'shards' / 'train'}]", f"contrastive.checkpoint={store / 'runs' / 'demo-s1'}",
         f"train.max_steps={stage2_steps}", f"train.checkpoint_every={stage2_steps}",
         f"train.sample_every={max(stage2_steps // 4, 1)}"])
@@ -184,16 +185,20 @@ def run(out: Path, overrides: list[str], stage1_steps: int, stage2_steps: int, n
             "served_edit": served, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "outputs" / "demo"), help="output folder")
     parser.add_argument("--stage1-steps", type=int, default=40)
     parser.add_argument("--stage2-steps", type=int, default=60)
     parser.add_argument("--fresh", action="store_true", help="delete the output folder first")
     parser.add_argument("--serve", action="store_true", help="keep the web editor up at the end (port 8000)")
-    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
-    args = parser.parse_intermixed_args(argv)
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value (anywhere on the line)")
+    return parse_with_overrides(parser, argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
     summary = run(Path(args.out).resolve(), args.overrides, args.stage1_steps, args.stage2_steps, fresh=args.fresh,
                   keep_up=args.serve)
     print(json.dumps(summary, indent=2))

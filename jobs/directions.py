@@ -1,7 +1,7 @@
 """Fit editing directions: GANSpace (PCA of the generator's W) or InterFaceGAN (linear SVM on labelled latents).
 
     python jobs/directions.py ganspace --config configs/ffhq.yaml [--checkpoint CKPT] --out pretrained/editing/pca.pt
-        [--samples 100000] [--components 80] [--seed 0] [--batch 10000] [key=value ...]
+        [--samples 100000] [--components K (default min(80, style_dim))] [--seed 0] [--batch 10000] [key=value ...]
     python jobs/directions.py interfacegan --latents URI --labels URI --label-column smile --out smile.pt
         [--space w] [--ratio 0.02] [--val-fraction 0.3] [--C 1.0] [--seed 0] [--config FILE (storage settings)]
 
@@ -19,9 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from clcae.cli_args import config_file, parse_with_overrides  # noqa: E402
 from clcae.config import ConfigError, StorageConfig, load_config  # noqa: E402
 from clcae.data.storage import StorageError  # noqa: E402
 from clcae.directions import (  # noqa: E402
+    DEFAULT_COMPONENTS,
     DirectionFitError,
     fit_ganspace_to_file,
     fit_interfacegan_to_file,
@@ -31,17 +33,19 @@ from clcae.inference import pick_device  # noqa: E402
 from clcae.weights import WeightsError  # noqa: E402
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="kind", required=True)
 
     g = sub.add_parser("ganspace", help="PCA over w = mapping(z) of the config's generator")
-    g.add_argument("--config", required=True)
+    g.add_argument("--config", type=config_file, required=True)
     g.add_argument("--checkpoint", default=None,
                    help="a StyleGAN2 .pt (rosinality) or our stage-2 checkpoint; default: generator.checkpoint")
     g.add_argument("--out", required=True, help="output .pt (local path or s3://...)")
     g.add_argument("--samples", type=int, default=100_000)
-    g.add_argument("--components", type=int, default=80)
+    g.add_argument("--components", type=int, default=None,
+                   help=f"principal components to keep (default: min({DEFAULT_COMPONENTS}, style_dim), e4e's 80 "
+                        "for a 512-wide W; at most style_dim)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch", type=int, default=10_000, help="samples per IncrementalPCA batch (bounds memory)")
     g.add_argument("--device", default=None, help="default: the config's device")
@@ -59,8 +63,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     i.add_argument("--val-fraction", type=float, default=0.3)
     i.add_argument("--C", type=float, default=1.0, help="SVM regularisation")
     i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--config", default=None, help="only its storage: section is used (S3 endpoint, credentials)")
-    return parser.parse_args(argv)
+    i.add_argument("--config", type=config_file, default=None,
+                   help="only its storage: section is used (S3 endpoint, credentials)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parse_with_overrides(build_parser(), argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from clcae.cli_args import config_file, parse_with_overrides  # noqa: E402
 from clcae.config import ConfigError, load_config  # noqa: E402
 from clcae.data.images import InputError  # noqa: E402
 from clcae.data.shards import ShardError  # noqa: E402
@@ -33,9 +34,10 @@ from clcae.pretrained import prepare  # noqa: E402
 from clcae.weights import WeightsError  # noqa: E402
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="job settings (default: those stored in --model)")
+    parser.add_argument("--config", type=config_file, default=None,
+                        help="job settings (default: those stored in --model)")
     parser.add_argument("--model", "--checkpoint", dest="model", default=None,
                         help="registry name, the authors' file, our checkpoint or run directory, or an export "
                              "(default: the config's model with a random encoder)")
@@ -48,8 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ssim-window", choices=SSIM_WINDOWS, default="gaussian11")
     parser.add_argument("--device", default=None, help="default: the config's device")
     parser.add_argument("--no-timing", action="store_true", help="skip the separate timed inversion per batch")
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
-    return parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value (anywhere on the line)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parse_with_overrides(build_parser(), argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size, limit=args.limit, timing=not args.no_timing, source=args.input)
         paths = write_report(result, args.out, cfg.storage)
     except (ConfigError, EvaluationError, EditError, DirectionFileError, WeightsError, StorageError, ShardError,
-            InputError) as exc:
+            InputError, FileNotFoundError) as exc:  # FileNotFoundError: a direction file the config names
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(to_markdown(result))

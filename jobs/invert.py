@@ -14,7 +14,7 @@ output skips what is done (and resumes an interrupted run).  Without --model the
 
 Exit status: 0 when the output holds latents for at least one input; 1 when every input is an error row
 (e.g. the wrong folder, every image too small) or the job failed after retrying (re-run it to resume);
-2 when nothing could start (a bad config, model, input or output).
+2 when nothing could start (a bad config, model, direction file, input or output).
 """
 
 from __future__ import annotations
@@ -28,9 +28,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clcae.batch import BatchInputError, invert_to_table  # noqa: E402
+from clcae.cli_args import config_file, default_config, parse_with_overrides  # noqa: E402
 from clcae.config import ConfigError, load_config  # noqa: E402
 from clcae.data.shards import ShardError  # noqa: E402
-from clcae.data.storage import StorageError  # noqa: E402
+from clcae.data.storage import StorageError, absolute, absolute_paths  # noqa: E402
+from clcae.editing import DirectionFileError, EditError  # noqa: E402
+from clcae.inference import directions_from_config  # noqa: E402
 from clcae.pretrained import prepare  # noqa: E402
 from clcae.train.runtime import init_ray  # noqa: E402
 from clcae.weights import WeightsError  # noqa: E402
@@ -50,33 +53,48 @@ def exit_status(summary: dict) -> tuple[int, str | None]:
     return 0, None
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--config", type=config_file, default=default_config("tiny"),
+                        help="YAML config (default: the shipped configs/tiny.yaml)")
     parser.add_argument("--model", "--checkpoint", dest="model", default=None,
                         help="registry name, the authors' file, our checkpoint or run directory, or an export")
     parser.add_argument("--input", nargs="+", required=True, help="shard folders/files or image folders")
     parser.add_argument("--output", required=True, help="output folder URI")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_intermixed_args(argv)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides (anywhere on the line)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parse_with_overrides(build_parser(), argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    # Inverting runs in Ray workers, which may run in another folder: every path typed on this line (and every file
+    # the config names) is made absolute here, relative to where the command runs.
+    inputs, output = [absolute(u) for u in args.input], absolute(args.output)
     source = None
     try:
         cfg = load_config(args.config, [] if args.model else args.overrides)
         if args.model:
             source, cfg = prepare(args.model, cfg, args.overrides)
-    except (ConfigError, WeightsError) as exc:
+        absolute_paths(cfg)
+        # The actors load the directions with the model: a wrong path fails here, at once, not in every actor
+        directions_from_config(cfg)
+    except (ConfigError, WeightsError, DirectionFileError, EditError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     init_ray()
     try:
-        summary = invert_to_table(cfg, args.input, args.output, source)
+        summary = invert_to_table(cfg, inputs, output, source)
     except (BatchInputError, ShardError, StorageError) as exc:  # refused while planning: nothing ran
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - a failure that outlived its retries: say so, exit non-zero
-        print(json.dumps({"output": args.output, "failed": f"{type(exc).__name__}: {exc}"[:2000]}, indent=2))
+        print(json.dumps({"output": output, "failed": f"{type(exc).__name__}: {exc}"[:2000]}, indent=2))
         print(f"error: the job failed after retrying ({type(exc).__name__}); rows already written are kept, and "
               "re-running the same command resumes from them", file=sys.stderr)
         return 1

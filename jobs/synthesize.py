@@ -16,29 +16,41 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from clcae.cli_args import config_file, default_config, parse_with_overrides  # noqa: E402
 from clcae.config import ConfigError, load_config  # noqa: E402
+from clcae.data.storage import absolute, absolute_paths  # noqa: E402
 from clcae.data.synthesis import synthesize  # noqa: E402
 from clcae.train.runtime import init_ray  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="output folder URI (local path or s3://...)")
-    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--config", type=config_file, default=default_config("tiny"),
+                        help="YAML config (default: the shipped configs/tiny.yaml)")
     parser.add_argument("--num", type=int, default=None, help="number of pairs (default: data.num_synthetic)")
     parser.add_argument("--start-seed", type=int, default=0)
     parser.add_argument("--rows-per-shard", type=int, default=1000)
     parser.add_argument("--actors", type=int, default=1, help="generator actors (one GPU each when available)")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides (anywhere on the line)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parse_with_overrides(build_parser(), argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        # the generator actors may run in another folder: paths become absolute where the command runs
+        cfg = absolute_paths(load_config(args.config, args.overrides))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     init_ray(None)
-    summary = synthesize(cfg, args.out, args.num, args.start_seed, args.rows_per_shard, args.actors)
+    summary = synthesize(cfg, absolute(args.out), args.num, args.start_seed, args.rows_per_shard, args.actors)
     print(json.dumps(summary, indent=2))
     return 0
 

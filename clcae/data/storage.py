@@ -24,7 +24,7 @@ import fsspec
 import pyarrow.fs as pafs
 from fsspec.core import split_protocol
 
-from clcae.config import StorageConfig
+from clcae.config import CLCAEConfig, StorageConfig
 
 S3_PROTOCOLS = ("s3", "s3a")
 LOCAL_PROTOCOLS = (None, "file", "local")
@@ -87,6 +87,41 @@ def with_protocol(like: str, path: str) -> str:
     """Give the protocol-less ``path`` (as :func:`filesystem` returns it) the protocol of the URI ``like``."""
     proto = _split(like)[0]
     return path if proto is None else f"{proto}://{path}"
+
+
+def absolute(uri: str | None) -> str | None:
+    """A local path made absolute against this process's working directory (``~`` expanded); URIs of other
+    protocols (``s3://``, ``gs://``, ...) and absolute paths come back unchanged, and so does None.
+
+    Call it in the driver on every path a user typed, before the path reaches a Ray task, actor or replica: those
+    may run in another working directory (``ray job submit --working-dir``, a node of a cluster), where a
+    relative path names another file or none."""
+    if uri is None:
+        return None
+    uri = str(uri)
+    proto, path = _split(uri)
+    if proto is None:
+        return os.path.abspath(os.path.expanduser(uri))
+    if proto in ("file", "local") and not os.path.isabs(path):
+        return f"{proto}://{os.path.abspath(os.path.expanduser(path))}"
+    return uri
+
+
+# Config keys that name files or folders the jobs' Ray workers open (model files, direction files); training
+# keys (data.*, train.*, contrastive.*) are the training job's to resolve.
+PATH_KEYS = ("generator.checkpoint", "encoder.pretrained", "model.average_image", "loss.id_weights")
+
+
+def absolute_paths(cfg: CLCAEConfig) -> CLCAEConfig:
+    """``cfg`` with :data:`PATH_KEYS` and every ``directions.*.path`` made :func:`absolute` (in place; returned
+    for chaining).  For the driver, before ``cfg`` is shipped to Ray workers."""
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        part = getattr(cfg, section)
+        setattr(part, name, absolute(getattr(part, name)))
+    for direction in cfg.directions.values():
+        direction.path = absolute(direction.path)
+    return cfg
 
 
 def join(uri: str, *parts: str) -> str:
