@@ -1,4 +1,4 @@
-"""Face alignment on real photos (clcae/align.py): offline, CPU.
+"""Face alignment on real photos (clcae/align.py) and make_shards --align: offline, CPU.
 
 The photo is scikit-image's astronaut (a 512x512 portrait shipped in its wheel); MTCNN's weights ship in
 facenet-pytorch's. Thresholds are stated where used, with what this machine measured.
@@ -6,9 +6,13 @@ facenet-pytorch's. Thresholds are stated where used, with what this machine meas
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import json
+from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 from skimage import data as skimage_data
@@ -24,7 +28,9 @@ from clcae.align import (
     photo_mask,
 )
 from clcae.data.images import InputError
+from clcae.data.shards import ERRORS_FILE, read_errors
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZE = 256
 
 
@@ -212,3 +218,53 @@ def test_crop_mask_is_soft_and_zero_at_the_crop_edge():
         assert m.dtype == np.float32 and m.max() == 1.0
         assert m[0].max() == m[-1].max() == m[:, 0].max() == m[:, -1].max() == 0.0
         assert np.abs(np.diff(m, axis=0)).max() < 0.1  # a ramp over several pixels, not a step
+
+
+# ---------------------------------------------------------------------------------------------------
+# make_shards --align
+
+
+def test_make_shards_align_writes_the_library_quads_and_no_face_errors(aligner, astronaut, collage, tmp_path,
+                                                                      capsys):
+    src = tmp_path / "photos"
+    src.mkdir()
+    (src / "astronaut.png").write_bytes(png(astronaut))
+    (src / "collage.png").write_bytes(png(collage))
+    (src / "coffee.png").write_bytes(png(Image.fromarray(skimage_data.coffee())))
+    spec = importlib.util.spec_from_file_location("make_shards_cli", ROOT / "jobs" / "make_shards.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    dst = tmp_path / "shards"
+    assert cli.main([str(src), str(dst), "--align", "faces", "--workers", "2"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["inputs"], summary["inputs_written"], summary["written"], summary["errors"]) == (3, 2, 3, 1)
+
+    table = pq.read_table(dst)  # the errors table does not leak into the shard folder's dataset
+    rows = {r["key"]: r for r in table.to_pylist()}
+    assert sorted(rows) == ["astronaut.png#face0", "collage.png#face0", "collage.png#face1"]
+    for name, photo in (("astronaut.png", astronaut), ("collage.png", collage)):
+        for face in aligner(photo):
+            row = rows[f"{name}#face{face.index}"]
+            assert (row["source_key"], row["face_index"]) == (name, face.index)
+            np.testing.assert_allclose(row["quad"], face.quad.reshape(-1), rtol=0, atol=1e-6)
+            np.testing.assert_allclose(row["landmarks"], face.landmarks.reshape(-1), rtol=0, atol=1e-6)
+            assert row["score"] == pytest.approx(face.score, abs=1e-6)
+            assert Image.open(io.BytesIO(row["image"])).size == (row["width"], row["height"]) == (SIZE, SIZE)
+
+    errors = read_errors(str(dst))
+    assert [(e["key"], e["source"]) for e in errors] == [("coffee.png", str(src / "coffee.png"))]
+    assert errors[0]["error"].startswith("no face found in coffee.png")
+    assert pq.read_table(dst / ERRORS_FILE).column_names == ["key", "source", "error"]
+
+
+def test_errors_table_exists_even_without_errors(astronaut, tmp_path):
+    from clcae.data.shards import make_shards
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(png(astronaut))
+    summary = make_shards(str(tmp_path / "in"), str(tmp_path / "out"), align="cars")
+    assert summary["errors"] == 0 and read_errors(str(tmp_path / "out")) == []
+    assert pq.read_table(tmp_path / "out" / ERRORS_FILE).num_rows == 0
+    row = pq.read_table(tmp_path / "out").to_pylist()[0]
+    assert row["key"] == row["source_key"] == "a.png" and row["landmarks"] is None
+    assert (row["height"], row["width"]) == (192, 256)
