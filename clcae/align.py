@@ -122,8 +122,8 @@ def crop_quad(photo: Image.Image, quad: np.ndarray, size: int | Sequence[int]) -
     """Resample the part of ``photo`` under ``quad`` to an image of ``size`` ((h, w) or one side).
 
     The steps of the FFHQ recipe: cut the quad's bounding box plus a border (10% of the quad) out of the
-    photo; shrink that cut when the quad is more than 2x the output (so the transform below never skips
-    pixels); where the quad leaves the photo, extend it by reflection and fade the extension towards a blur
+    photo; shrink that cut when the quad is 4x the output or more (so the transform below reads at most ~4
+    source pixels per output pixel); where the quad leaves the photo, extend it by reflection and fade the extension towards a blur
     and the median colour (a mirrored face would look like a second face); transform the quad to an integer
     multiple of the output (at most 4x, NVlabs' ratio) and reduce with a Lanczos filter.
     """

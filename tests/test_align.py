@@ -23,6 +23,7 @@ from clcae.align import (
     NoFaceError,
     centre_box,
     crop_mask,
+    crop_quad,
     ffhq_quad,
     paste_back,
     photo_mask,
@@ -105,6 +106,15 @@ def test_face_found_where_the_ffhq_template_puts_it(upright):
     assert abs(max(2 * np.hypot(*e2e), 1.8 * np.hypot(*e2m)) - SIZE / 2) < 0.03 * SIZE
     # and each point where the photo's landmarks, carried through the quad, say it is
     assert np.abs(lm - to_crop(upright, upright.landmarks)).max() < 0.03 * SIZE
+
+
+def test_face_at_the_photo_edge_is_padded_and_faded(upright, astronaut):
+    cut = astronaut.crop((0, 60, 512, 512))  # the quad's top edge (y ~ 16-26) now lies above the photo
+    crop = np.asarray(crop_quad(cut, upright.quad - (0, 60), SIZE))
+    ref = np.asarray(upright.image)
+    assert psnr(crop[128:], ref[128:]) > 40.0  # below the padding and its fade: the same pixels (identical here)
+    top = crop[:32].astype(np.float64)  # reflected, blurred and faded to the median colour: no black band
+    assert top.mean() > 60 and np.abs(np.diff(top, axis=0)).mean() < 4.0
 
 
 @pytest.mark.parametrize(("case", "min_psnr"), [
