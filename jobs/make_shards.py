@@ -1,12 +1,17 @@
 """An image folder (recursive) or a .zip -> Parquet image shards, locally or on S3.
 
     python jobs/make_shards.py SRC DST [--rows-per-shard 1000] [--min-size 64] [--workers N] [--overwrite]
+                               [--align faces|cars [--align-size 256] [--largest-only] [--device cuda]]
                                [--config configs/ffhq.yaml] [storage.endpoint_url=http://minio:9000 ...]
 
-Keys are the files' relative paths. Files that are not usable images are listed in DST/errors.csv
-(key, source, error) and counted, never dropped silently. Progress goes to stderr every --progress-every
-files or 10 s; the summary {"inputs", "written", "errors", "shards", ...} is printed to stdout as JSON.
-Exit status: 0 when at least one image was written, 1 when none was, 2 for bad arguments or config.
+Keys are the files' relative paths. Files that are not usable images are rows of DST/_errors/errors.parquet
+(key, source, error; always written, empty when nothing failed) and counted, never dropped silently.
+``--align faces`` stores every face FFHQ-aligned, one row per face keyed ``<file key>#face<i>`` (0 = largest)
+with its quad, landmarks, score, face index and source key; a photo without a face is an error row.
+``--align cars`` stores the official 192x256 centre crop. Progress goes to stderr every --progress-every
+files or 10 s; the summary {"inputs", "written", "inputs_written", "errors", "shards", ...} is printed to
+stdout as JSON. Exit status: 0 when at least one image was written, 1 when none was, 2 for bad arguments or
+config.
 """
 
 from __future__ import annotations
@@ -32,9 +37,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default: min(8, CPUs))")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in DST")
     p.add_argument("--progress-every", type=int, default=1000, help="files between progress lines")
+    p.add_argument("--align", choices=("faces", "cars"), default=None,
+                   help="store aligned crops: FFHQ-aligned faces (one row per face) or the car centre crop")
+    p.add_argument("--align-size", type=_size, default=None,
+                   help="crop size, N or HxW (default: 256 for faces, 192x256 for cars)")
+    p.add_argument("--largest-only", action="store_true", help="with --align faces: only the largest face")
+    p.add_argument("--device", default="cpu", help="with --align faces: where the detector runs (cpu, cuda)")
     p.add_argument("--config", default=None, help="YAML config whose storage.* section is used")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. storage.endpoint_url=...")
     return p.parse_intermixed_args(argv)  # overrides may come before or after the options
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        h, w = (int(parts[0]),) * 2 if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or HxW, e.g. 256 or 192x256") from None
+    if len(parts) > 2 or h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or HxW with positive sides")
+    return h, w
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         summary = make_shards(args.src, args.dst, cfg.storage, rows_per_shard=args.rows_per_shard,
                               min_size=args.min_size, overwrite=args.overwrite, workers=args.workers,
-                              progress_every=args.progress_every)
+                              progress_every=args.progress_every, align=args.align, align_size=args.align_size,
+                              largest_only=args.largest_only, device=args.device)
     except ConfigError as exc:
         print(f"make_shards: {exc}", file=sys.stderr)
         return 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import io
 import json
@@ -457,9 +456,25 @@ def test_read_shards_from_s3_with_ray(s3_server, s3_bucket, ray_cluster):
         read_shards(uri, s3_server.storage, columns=["key", "label"])
 
 
-def test_errors_file_is_csv_with_header(zoo, tmp_path):
-    make_shards(str(zoo["folder"]), str(tmp_path / "o"))
-    with open(tmp_path / "o" / "errors.csv", newline="") as fh:
-        reader = csv.reader(fh)
-        assert next(reader) == ["key", "source", "error"]
-        assert len(list(reader)) == len(zoo["bad"])
+def test_errors_table_does_not_break_reading_the_shard_folder(zoo, tmp_path):
+    summary = make_shards(str(zoo["folder"]), str(tmp_path / "o"))
+    assert summary["errors_file"] == str(tmp_path / "o" / "_errors" / "errors.parquet")
+    errors = pq.read_table(summary["errors_file"])
+    assert errors.column_names == ["key", "source", "error"] and errors.num_rows == len(zoo["bad"])
+    # the folder reads as the shards alone: "_" keeps the errors out (pyarrow, Ray Data, Spark, read_shards)
+    assert pq.read_table(tmp_path / "o").schema.equals(shard_schema())
+    assert pq.read_table(tmp_path / "o").num_rows == summary["written"]
+
+    # no errors: the table is still there, empty
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "a.png").write_bytes(zoo["good"]["a/rgb.png"])
+    clean = make_shards(str(good), str(tmp_path / "c"))
+    assert pq.read_table(clean["errors_file"]).num_rows == 0 and read_errors(str(tmp_path / "c")) == []
+
+    # a folder written before (errors.csv beside the shards) still has its errors read; --overwrite removes it
+    (tmp_path / "c" / "errors.csv").write_text("key,source,error\nx.png,/x.png,broken\n")
+    (tmp_path / "c" / "_errors" / "errors.parquet").unlink()
+    assert read_errors(str(tmp_path / "c")) == [{"key": "x.png", "source": "/x.png", "error": "broken"}]
+    make_shards(str(good), str(tmp_path / "c"), overwrite=True)
+    assert not (tmp_path / "c" / "errors.csv").exists() and read_errors(str(tmp_path / "c")) == []

@@ -9,6 +9,22 @@ Schema (DESIGN.md, "Image shards"):
     seed    int64, optional           seed that produced a synthetic pair
     ...     optional label columns (int64 / float32 / string)
 
+Rows of aligned photos (``make_shards(..., align="faces"|"cars")``, see clcae/align.py) hold the crop as
+``image`` and add:
+
+    source_key  string                the photo's key; ``key`` is ``<source_key>#face<i>`` for faces, so it
+                                      stays unique when a photo holds several faces, and the photo's key for cars
+    face_index  int32                 i: the face's rank in its photo, 0 = largest (always 0 for cars)
+    score       float32, nullable     detector probability (null for cars)
+    quad        fixed_size_list<float64>[8]    the crop's corners in the photo (x, y) x [top-left, bottom-left,
+                                      bottom-right, top-right], source pixels after EXIF orientation
+    landmarks   fixed_size_list<float64>[10], nullable   eyes, nose, mouth corners (x, y) in the same frame
+
+Files that fail (unreadable, too small, no face found) are rows of ``<dst>/_errors/errors.parquet`` (``key``,
+``source``, ``error``), written on every run, empty when nothing failed. The leading underscore is what keeps
+them out of the shards: pyarrow datasets, Ray Data, Spark and :func:`read_shards` skip ``_``-prefixed paths
+under a folder, while a plain ``errors/`` subfolder would be read as shard rows.
+
 ``w`` is a plain Arrow fixed-size list (not Ray Data's tensor extension type) so that pyarrow, pandas,
 DuckDB and Spark read the files too.
 
@@ -52,12 +68,21 @@ from clcae.data.images import InputError, check_min_size, decode_image, encode_p
 if TYPE_CHECKING:
     import ray.data
 
+    from clcae.align import Aligner
+
 REQUIRED: dict[str, pa.DataType] = {
     "key": pa.string(), "image": pa.binary(), "height": pa.int32(), "width": pa.int32(),
 }
-OPTIONAL = ("w", "seed")
+ALIGN_COLUMNS: dict[str, pa.DataType] = {
+    "source_key": pa.string(), "face_index": pa.int32(), "score": pa.float32(),
+    "quad": pa.list_(pa.float64(), 8), "landmarks": pa.list_(pa.float64(), 10),
+}
+OPTIONAL = ("w", "seed", *ALIGN_COLUMNS)
 LABEL_TYPES: dict[str, pa.DataType] = {"int": pa.int64(), "float": pa.float32(), "string": pa.string()}
-ERRORS_FILE = "errors.csv"
+ERRORS_FILE = "_errors/errors.parquet"  # "_": readers of the shard folder skip it (see the module docstring)
+LEGACY_ERRORS_FILE = "errors.csv"  # where make_shards wrote errors before; still read by read_errors
+ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("error", pa.string())])
+FACE_KEY = "{key}#face{index}"
 ROW_GROUP_ROWS = 64  # readers hold a row group in memory: 64 images, not a whole shard
 KEPT_FORMATS = ("PNG", "JPEG")  # stored as given; other formats are re-encoded to PNG
 
@@ -80,8 +105,9 @@ class ShardError(ValueError):
 
 
 def shard_schema(style_dim: int | None = None, labels: Mapping[str, str | pa.DataType] | None = None,
-                 seed: bool | None = None) -> pa.Schema:
-    """The shard schema; ``style_dim`` adds ``w`` (and, unless ``seed=False``, ``seed``).
+                 seed: bool | None = None, align: bool = False) -> pa.Schema:
+    """The shard schema; ``style_dim`` adds ``w`` (and, unless ``seed=False``, ``seed``); ``align`` adds the
+    alignment columns (``source_key``, ``face_index``, ``score``, ``quad``, ``landmarks``).
 
     ``labels`` maps extra column names to "int", "float", "string" or a pyarrow type of that kind.
     """
@@ -92,6 +118,9 @@ def shard_schema(style_dim: int | None = None, labels: Mapping[str, str | pa.Dat
         fields.append(pa.field("w", pa.list_(pa.float32(), style_dim), nullable=False))
     if seed if seed is not None else style_dim is not None:
         fields.append(pa.field("seed", pa.int64()))
+    if align:
+        nullable = ("score", "landmarks")  # cars have neither
+        fields += [pa.field(name, tp, nullable=name in nullable) for name, tp in ALIGN_COLUMNS.items()]
     for name, kind in (labels or {}).items():
         if name in REQUIRED or name in OPTIONAL:
             raise ShardError(f"label column {name!r} clashes with a shard column "
@@ -129,6 +158,9 @@ def schema_problems(schema: pa.Schema, need_w: bool = False, style_dim: int | No
                         "write them with jobs/synthesize.py")
     if "seed" in schema.names and not pa.types.is_integer(schema.field("seed").type):
         problems.append(f"column 'seed' is {schema.field('seed').type}, expected int64")
+    for name, tp in ALIGN_COLUMNS.items():
+        if name in schema.names and not schema.field(name).type.equals(tp):
+            problems.append(f"column {name!r} is {schema.field(name).type}, expected {tp}")
     return problems
 
 
@@ -399,76 +431,123 @@ _READ_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, zipfile.B
 
 def make_shards(src: str, dst: str, storage: StorageConfig | None = None, rows_per_shard: int = 1000,
                 min_size: int = 64, *, overwrite: bool = False, workers: int | None = None,
-                progress_every: int = 1000, progress_seconds: float = 10.0) -> dict:
-    """Every file of a folder (recursive) or a .zip -> shards in ``dst``, plus ``dst/errors.csv``.
+                progress_every: int = 1000, progress_seconds: float = 10.0, align: str | None = None,
+                align_size: int | Sequence[int] | None = None, largest_only: bool = False,
+                device: str = "cpu") -> dict:
+    """Every file of a folder (recursive) or a .zip -> shards in ``dst``, plus ``dst/_errors/errors.parquet``.
 
     Keys are the files' relative paths (POSIX), traversed in sorted order, so the output is deterministic
     and a zip of a folder gives the folder's keys. PNG/JPEG images in RGB mode are stored as their original
     bytes; other formats and modes (L, LA, RGBA, P, CMYK, I;16...) as PNG of the RGB conversion. Files that
     are not usable images (unreadable, corrupt, truncated, empty, too small, decompression bombs, duplicate
-    zip entries) go to ``errors.csv`` (key, source, error). Hidden files and ``__MACOSX/`` are not inputs;
-    their count is reported as ``ignored``. Returns the summary
-    ``{"inputs", "written", "errors", "shards", "errors_file", "ignored", "seconds"}`` with
-    inputs == written + errors.
+    zip entries) are rows of the errors table (key, source, error), which is written (empty if need be) on
+    every run. Hidden files and ``__MACOSX/`` are not inputs; their count is reported as ``ignored``.
+
+    ``align="faces"`` stores every face of each photo FFHQ-aligned (``largest_only``: the largest face) at
+    ``align_size`` (default 256) as PNG, one row per face with the alignment columns (module docstring);
+    a photo without a face is an error row ("no face found ..."). ``align="cars"`` stores the official
+    192x256 centre crop. Alignment runs in the same worker threads as decoding (its torch ops release the
+    GIL as PIL does); ``device`` places the detector.
+
+    Returns ``{"inputs", "written", "inputs_written", "errors", "shards", "errors_file", "ignored",
+    "seconds"}``: ``written`` counts rows (faces when aligning), ``inputs_written`` the files that gave at
+    least one, and inputs == inputs_written + errors.
     """
     if min_size < 1:
         raise ShardError(f"min_size = {min_size}: must be >= 1")
     t0 = time.monotonic()
     st.check_access(dst, storage, write=True)
-    process = functools.partial(_convert, min_size=min_size)
+    aligner = None
+    if align is not None:
+        from clcae.align import DOMAINS, Aligner  # torch + the detector only when aligning
+
+        if align not in DOMAINS:
+            raise ShardError(f"align = {align!r}: use one of {', '.join(DOMAINS)}")
+        aligner = Aligner(align, align_size, device=device, largest_only=largest_only)
+    process = functools.partial(_convert, min_size=min_size, aligner=aligner)
     errors: list[dict[str, str]] = []
+    inputs_written = rows_written = 0
     last_report = t0
     with _open_inputs(src, storage) as (inputs, ignored), \
-            ShardWriter(dst, storage, rows_per_shard, overwrite=overwrite) as writer:
+            ShardWriter(dst, storage, rows_per_shard, schema=shard_schema(align=aligner is not None),
+                        overwrite=overwrite) as writer:
+        if overwrite:
+            _remove_legacy_errors(dst, storage)
         seen: set[str] = set()
         results = _ordered_map(process, inputs, workers or min(8, os.cpu_count() or 1))
-        for done, (item, (row, error)) in enumerate(zip(inputs, results), 1):
+        for done, (item, (rows, error)) in enumerate(zip(inputs, results), 1):
             if error is None and item.key in seen:
                 error = "duplicate entry: an earlier file in the zip has the same name"
             seen.add(item.key)
             if error is None:
-                writer.write(row)
+                for row in rows:
+                    writer.write(row)
+                inputs_written += 1
+                rows_written += len(rows)
             else:
                 errors.append({"key": item.key, "source": item.source, "error": error})
             now = time.monotonic()
             if done % progress_every == 0 or now - last_report >= progress_seconds:
-                _progress(done, len(inputs), done - len(errors), len(errors), now - t0)
+                _progress(done, len(inputs), rows_written, len(errors), now - t0)
                 last_report = now
         shards, written = writer.close()
     errors_uri = st.join(dst, ERRORS_FILE)
-    st.write_bytes(errors_uri, _errors_csv(errors), storage)
+    st.write_bytes(errors_uri, _errors_parquet(errors), storage)
     _progress(len(inputs), len(inputs), written, len(errors), time.monotonic() - t0)
-    assert written + len(errors) == len(inputs)
-    return {"inputs": len(inputs), "written": written, "errors": len(errors), "shards": shards,
-            "errors_file": errors_uri, "ignored": ignored, "seconds": round(time.monotonic() - t0, 3)}
+    assert inputs_written + len(errors) == len(inputs)
+    return {"inputs": len(inputs), "written": written, "inputs_written": inputs_written, "errors": len(errors),
+            "shards": shards, "errors_file": errors_uri, "ignored": ignored,
+            "seconds": round(time.monotonic() - t0, 3)}
 
 
 def read_errors(dst: str, storage: StorageConfig | None = None) -> list[dict[str, str]]:
-    """The rows of ``dst/errors.csv`` written by :func:`make_shards`."""
-    fs, path = st.filesystem(st.join(dst, ERRORS_FILE), storage)
-    with st.storage_errors(dst, storage):
-        text = fs.cat_file(path).decode("utf-8")
-    return list(csv.DictReader(io.StringIO(text)))
+    """The rows of the errors table :func:`make_shards` wrote for ``dst`` (also the older ``errors.csv``)."""
+    uri = st.join(dst, ERRORS_FILE)
+    if not st.exists(uri, storage) and st.exists(st.join(dst, LEGACY_ERRORS_FILE), storage):
+        fs, path = st.filesystem(st.join(dst, LEGACY_ERRORS_FILE), storage)
+        with st.storage_errors(dst, storage):
+            return list(csv.DictReader(io.StringIO(fs.cat_file(path).decode("utf-8"))))
+    fs, path = st.filesystem(uri, storage)
+    with st.storage_errors(dst, storage), fs.open(path, "rb") as fh:
+        return pq.read_table(fh).to_pylist()
 
 
-def _convert(item: _Input, min_size: int) -> tuple[dict | None, str | None]:
-    """(row, None) for a usable image, (None, reason) otherwise."""
+def _convert(item: _Input, min_size: int, aligner: Aligner | None = None) -> tuple[list[dict], str | None]:
+    """(rows, None) for a usable image (one row, or one per aligned face), ([], reason) otherwise."""
     try:
         data = item.read()
     except _READ_ERRORS as exc:
-        return None, f"cannot read the file ({type(exc).__name__}: {exc})"
+        return [], f"cannot read the file ({type(exc).__name__}: {exc})"
     try:
         rgb = decode_image(data)
     except InputError as exc:
-        return None, str(exc)
+        return [], str(exc)
     try:
         check_min_size(rgb, min_size)
     except InputError as exc:
-        return None, f"{exc} (lower --min-size to keep it)"
+        return [], f"{exc} (lower --min-size to keep it)"
+    if aligner is not None:
+        try:
+            crops = aligner(rgb, name=item.key)  # rgb is already EXIF-oriented: quads are in its frame
+        except InputError as exc:  # NoFaceError among them
+            return [], str(exc)
+        faces = aligner.domain == "faces"
+        return [{"key": FACE_KEY.format(key=item.key, index=c.index) if faces else item.key,
+                 "image": encode_png(c.image), "height": c.image.height, "width": c.image.width,
+                 "source_key": item.key, **c.row()} for c in crops], None
     with Image.open(io.BytesIO(data)) as im:  # header only: decode_image already proved the file readable
         kept = im.format in KEPT_FORMATS and im.mode == "RGB"
     image = data if kept else encode_png(rgb)
-    return {"key": item.key, "image": image, "height": rgb.height, "width": rgb.width}, None
+    return [{"key": item.key, "image": image, "height": rgb.height, "width": rgb.width}], None
+
+
+def _remove_legacy_errors(dst: str, storage: StorageConfig | None) -> None:
+    # an errors.csv beside the shards (older layout) makes pq.read_table(dst) fail: replaced, so removed
+    legacy = st.join(dst, LEGACY_ERRORS_FILE)
+    if st.exists(legacy, storage):
+        fs, path = st.filesystem(legacy, storage)
+        with st.storage_errors(legacy, storage):
+            fs.rm(path)
 
 
 @contextlib.contextmanager
@@ -534,12 +613,10 @@ def _ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
             yield pending.popleft().result()
 
 
-def _errors_csv(errors: list[dict[str, str]]) -> bytes:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["key", "source", "error"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(errors)
-    return buf.getvalue().encode("utf-8")
+def _errors_parquet(errors: list[dict[str, str]]) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), buf, compression="zstd")
+    return buf.getvalue()
 
 
 def _progress(done: int, total: int, written: int, errors: int, seconds: float) -> None:
