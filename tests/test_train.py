@@ -145,6 +145,17 @@ def test_training_reads_shards_from_and_checkpoints_to_s3(s3_server, ray_cluster
 
     fs, path = filesystem(f"{bucket}/runs/s3run", cfg.storage)
     assert fs.exists(f"{path}/checkpoint_000002/checkpoint.pt")
+    # TensorBoard events are uploaded beside the checkpoints
+    events = fs.glob(f"{path}/**/events.out.tfevents.*")
+    assert events, fs.find(path)
+    local = tmp_path / "tb"
+    for e in events:
+        fs.get(e, str(local / e[len(path) + 1:]))
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    mux = EventMultiplexer(size_guidance={"scalars": 0}).AddRunsFromDirectory(str(local)).Reload()
+    ((run, tags),) = mux.Runs().items()
+    assert "loss" in tags["scalars"] and [e.step for e in mux.Scalars(run, "loss")] == [1, 2]
 
 
 def test_setup_errors_come_before_any_worker_starts(ray_cluster, pairs, tmp_path):
@@ -231,3 +242,27 @@ def test_each_rank_draws_its_own_random_numbers_and_resumes_its_own_stream(ray_c
         # after the resume from step 3 each rank continues exactly the stream it had drawn from before
         assert all(len(v) == 1 for v in by_step.values()), f"rank {rank} changed its stream on resume: {log}"
 
+
+def test_tensorboard_events_for_both_stages(ray_cluster, pairs, stage1, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def events(run: Path) -> EventAccumulator:
+        files = list(run.rglob("events.out.tfevents.*"))
+        assert files, f"no TensorBoard event files under {run}"
+        acc = EventAccumulator(str(files[0].parent), size_guidance={"scalars": 0, "images": 0})
+        return acc.Reload()
+
+    s1 = events(stage1 / "runs" / "s1")
+    for tag in ("loss", "logit_scale", "accuracy", "lr", "images_per_s"):
+        assert [e.step for e in s1.Scalars(tag)] == [1, 2, 3], tag
+
+    cfg = cfg_for(tmp_path, f"data.train=[{pairs}]", "model.use_align=false", "train.max_steps=2",
+                  "train.checkpoint_every=2", "train.sample_every=2")
+    fit(cfg, "inversion", "tb")
+    s2 = events(tmp_path / "runs" / "tb")
+    for tag in ("total", "l2/w", "lpips/f", "lr", "images_per_s"):
+        assert [e.step for e in s2.Scalars(tag)] == [1, 2], tag
+    assert s2.Scalars("lr")[-1].value == pytest.approx(cfg.optim.lr)
+    (image,) = s2.Images("samples")
+    assert image.step == 2 and image.encoded_image_string.startswith(b"\x89PNG")
+    assert (image.width, image.height) == (4 * 64, 2 * 64)  # input | G(w) | G(w+) | G(w+, f), one row per image

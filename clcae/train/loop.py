@@ -10,11 +10,13 @@ draws from its own stream (``seed + rank``: hflip, dropout). Every rank's stream
 (``rng["ranks"][r]``) and rank r resumes its own.
 
 Everything a retry cannot fix (config, paths, files, data size, a run name holding the other stage) is checked
-in the driver first (:mod:`clcae.train.preflight`).
+in the driver first (:mod:`clcae.train.preflight`); TensorBoard events go beside the checkpoints
+(:mod:`clcae.train.events`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,12 +25,17 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from clcae.config import CLCAEConfig, from_dict, to_dict, validate
 from clcae.train.preflight import CHECKPOINT_FILE, CHECKPOINT_META, TrainSetupError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from clcae.train.events import EventLog
 
 log = logging.getLogger(__name__)
 
@@ -177,15 +184,18 @@ def _save(step_obj, cfg: CLCAEConfig, stage: str, step: int, directory: str, run
     (Path(directory) / CHECKPOINT_META).write_text(json.dumps({"kind": stage, "step": step, "config": to_dict(cfg)}))
 
 
-def _write_samples(columns: list[torch.Tensor], uri: str, cfg: CLCAEConfig) -> None:
+def _write_samples(columns: list[torch.Tensor], uri: str, cfg: CLCAEConfig) -> Image.Image:
+    """Write the sample grid PNG to ``uri``; returns the grid (a PIL image) for TensorBoard."""
     from clcae.data.images import image_grid, tensor_to_pil
     from clcae.data.storage import filesystem
 
     rows = list(zip(*[tensor_to_pil(c) for c in columns]))
+    grid = image_grid(rows)
     fs, path = filesystem(uri, cfg.storage)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "wb") as fh:
-        image_grid(rows).save(fh, format="PNG")
+        grid.save(fh, format="PNG")
+    return grid
 
 
 def _inject(faults: Faults, rank: int, step: int) -> None:
@@ -239,43 +249,55 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     sample_batch = None
     metrics: dict[str, float] = {}
     t0, images_seen = time.perf_counter(), 0
-    while step < t.max_steps:
-        batches = 0
-        for batch in shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True, device=device):
-            batches += 1
-            images = batch["image"]
-            if stage == "inversion" and cfg.data.hflip:
-                images = random_hflip(images)
-            if sample_batch is None:
-                sample_batch = images[:8].clone()
-            step += 1
-            _inject(faults, rank, step)
-            metrics = step_obj(images, batch["w"], step) if stage == "contrastive" else step_obj(images, step)
-            images_seen += images.shape[0] * world
-            report, checkpoint_dir = step % t.log_every == 0, None
-            checkpointing = step % t.checkpoint_every == 0 or step == t.max_steps
-            sampling = stage == "inversion" and (step % t.sample_every == 0 or step == t.max_steps)
-            with tempfile.TemporaryDirectory() as tmp:
-                if checkpointing:
-                    report = True
-                    rng = _all_rng_states(device, world)  # every rank's stream goes into rank 0's file
-                    if rank == 0:
-                        _save(step_obj, cfg, stage, step, tmp, run_name, rng)
-                        checkpoint_dir = tmp
-                if rank == 0 and sampling:
-                    _write_samples(step_obj.samples(sample_batch), f"{loop_config['run_uri']}/samples/"
-                                   f"step_{step:06d}.png", cfg)
-                if report:
-                    elapsed = time.perf_counter() - t0
-                    metrics = {**metrics, "step": step, "images_per_s": images_seen / max(elapsed, 1e-9)}
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
-                                     if checkpoint_dir else None, checkpoint_dir_name=f"checkpoint_{step:06d}"
-                                     if checkpoint_dir else None)
-            if step >= t.max_steps:
-                break
-        if batches == 0:
-            raise RuntimeError(f"rank {rank} got no full batch of {cfg.data.batch_size} from its data shard: "
-                               "add data or lower data.batch_size")
+    uri = loop_config["run_uri"]
+    events: EventLog | None = None
+    if rank == 0:  # one writer per run: TensorBoard beside the checkpoints
+        from clcae.train.events import EventLog
+
+        events = EventLog(uri, cfg.storage, resumed_step=step if ckpt is not None else None)
+    with events if events is not None else contextlib.nullcontext():
+        while step < t.max_steps:
+            batches = 0
+            for batch in shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True, device=device):
+                batches += 1
+                images = batch["image"]
+                if stage == "inversion" and cfg.data.hflip:
+                    images = random_hflip(images)
+                if sample_batch is None:
+                    sample_batch = images[:8].clone()
+                step += 1
+                _inject(faults, rank, step)
+                metrics = step_obj(images, batch["w"], step) if stage == "contrastive" else step_obj(images, step)
+                images_seen += images.shape[0] * world
+                report, checkpoint_dir = step % t.log_every == 0, None
+                checkpointing = step % t.checkpoint_every == 0 or step == t.max_steps
+                sampling = stage == "inversion" and (step % t.sample_every == 0 or step == t.max_steps)
+                with tempfile.TemporaryDirectory() as tmp:
+                    if checkpointing:
+                        report = True
+                        rng = _all_rng_states(device, world)  # every rank's stream goes into rank 0's file
+                        if rank == 0:
+                            _save(step_obj, cfg, stage, step, tmp, run_name, rng)
+                            checkpoint_dir = tmp
+                    if events is not None and sampling:
+                        grid = _write_samples(step_obj.samples(sample_batch), f"{uri}/samples/step_{step:06d}.png",
+                                              cfg)
+                        events.image("samples", grid, step)
+                    if report:
+                        elapsed = time.perf_counter() - t0
+                        metrics = {**metrics, "step": step, "images_per_s": images_seen / max(elapsed, 1e-9)}
+                        if events is not None:
+                            lr = step_obj.optimizer.param_groups[0]["lr"]
+                            events.scalars({**{k: v for k, v in metrics.items() if k != "step"}, "lr": lr}, step)
+                            events.sync(force=checkpointing or sampling)
+                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
+                                         if checkpoint_dir else None, checkpoint_dir_name=f"checkpoint_{step:06d}"
+                                         if checkpoint_dir else None)
+                if step >= t.max_steps:
+                    break
+            if batches == 0:
+                raise RuntimeError(f"rank {rank} got no full batch of {cfg.data.batch_size} from its data shard: "
+                                   "add data or lower data.batch_size")
     return {k: float(v) for k, v in metrics.items()}
 
 
