@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 
@@ -15,16 +17,31 @@ from clcae.models.stylegan2 import Generator
 log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Draw from ``seed`` inside, then give the caller back its own random stream untouched.
+
+    Weights come out as ``torch.manual_seed(seed)`` made them (CPU init draws from the default generator), but
+    the caller's stream is not reset: a Ray Train rank that seeded ``seed + rank`` keeps its own stream.
+    Only the CPU generator is seeded and restored; modules are built on the CPU, and seeding CUDA here would
+    reset every rank's device stream too.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield
+
+
 def build_generator(cfg: CLCAEConfig, load: bool = True) -> tuple[Generator, torch.Tensor]:
     """The frozen generator and latent_avg (D,): from ``generator.checkpoint`` or a seeded random init."""
     g = cfg.generator
     if load and g.checkpoint:
         from clcae.weights import load_generator
 
-        return load_generator(g.checkpoint, cfg)
-    torch.manual_seed(g.init_seed)
-    gen = Generator(g.size, g.style_dim, g.n_mlp, g.channel_multiplier, lr_mlp=g.lr_mlp,
-                    channel_max=g.channel_max).eval()
+        with _seeded(g.init_seed):  # the noise maps an old file lacks are drawn at init: seeded, not the caller's
+            return load_generator(g.checkpoint, cfg)
+    with _seeded(g.init_seed):
+        gen = Generator(g.size, g.style_dim, g.n_mlp, g.channel_multiplier, lr_mlp=g.lr_mlp,
+                        channel_max=g.channel_max).eval()
     if load:
         log.info("generator: seeded random init (seed %d); set generator.checkpoint for real weights", g.init_seed)
     return gen, gen.mean_latent(min(g.mean_latent_samples, 10_000), seed=g.init_seed)[0]
@@ -55,10 +72,10 @@ def build_clcae(cfg: CLCAEConfig, generator: Generator | None = None, latent_avg
     generator's weights afterwards pass False and set it once the weights are in (clcae.pretrained)."""
     if generator is None:
         generator, latent_avg = build_generator(cfg, load=load_pretrained)
-    # The encoder's random init follows cfg.seed (build_generator seeds with generator.init_seed, which
-    # would otherwise fix the encoder too), the same in every process that builds from this config.
-    torch.manual_seed(cfg.seed)
-    encoder = build_encoder(cfg, generator.feature_channels)
+    # The encoder's random init follows cfg.seed, the same in every process that builds from this config,
+    # without resetting the caller's stream.
+    with _seeded(cfg.seed):
+        encoder = build_encoder(cfg, generator.feature_channels)
     if load_pretrained and cfg.encoder.pretrained:
         from clcae.weights import load_irse_into_encoder
 

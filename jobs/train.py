@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clcae.config import ConfigError, load_config  # noqa: E402
+from clcae.data.storage import StorageError  # noqa: E402
 from clcae.train.loop import STAGES, TrainSetupError, fit, run_uri  # noqa: E402
 from clcae.train.runtime import init_ray  # noqa: E402
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(ns.num_cpus)
     try:
         result = fit(cfg, stage, ns.run_name)
-    except (TrainSetupError, ValueError) as exc:
+    except (TrainSetupError, ValueError, StorageError) as exc:  # ValueError: config, shards, weights files
         print(f"cannot start training: {exc}", file=sys.stderr)
         return 2
     summary = {"run": run_uri(cfg, ns.run_name), "stage": stage, "metrics": result.metrics,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import kill_session
 
-from clcae.config import load_config
+from clcae.config import ConfigError, load_config
 from clcae.data.shards import ShardError
 from clcae.data.synthesis import synthesize
 from clcae.inference import Inverter
@@ -36,6 +36,12 @@ def pairs(ray_cluster, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def stage1(ray_cluster, pairs, tmp_path_factory) -> Path:
+    """A finished 3-step stage-1 run; returns its storage root (the run is ``runs/s1`` under it)."""
+    root = tmp_path_factory.mktemp("stage1")
+    fit(cfg_for(root, f"data.pairs=[{pairs}]", "train.max_steps=3", "train.checkpoint_every=3"), "contrastive", "s1")
+    return root
 
 
 def read_steps(path: Path) -> list[int]:
@@ -139,6 +145,17 @@ def test_training_reads_shards_from_and_checkpoints_to_s3(s3_server, ray_cluster
 
     fs, path = filesystem(f"{bucket}/runs/s3run", cfg.storage)
     assert fs.exists(f"{path}/checkpoint_000002/checkpoint.pt")
+    # TensorBoard events are uploaded beside the checkpoints
+    events = fs.glob(f"{path}/**/events.out.tfevents.*")
+    assert events, fs.find(path)
+    local = tmp_path / "tb"
+    for e in events:
+        fs.get(e, str(local / e[len(path) + 1:]))
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    mux = EventMultiplexer(size_guidance={"scalars": 0}).AddRunsFromDirectory(str(local)).Reload()
+    ((run, tags),) = mux.Runs().items()
+    assert "loss" in tags["scalars"] and [e.step for e in mux.Scalars(run, "loss")] == [1, 2]
 
 
 def test_setup_errors_come_before_any_worker_starts(ray_cluster, pairs, tmp_path):
@@ -158,3 +175,94 @@ def test_setup_errors_come_before_any_worker_starts(ray_cluster, pairs, tmp_path
     pq.write_table(pa.table({"key": ["a"], "img": [b"x"]}), bad / "shard-00000.parquet")
     with pytest.raises(ShardError, match="shard-00000.parquet"):
         fit(cfg_for(tmp_path, f"data.train=[{bad}]", "model.use_align=false"), "inversion", "x")
+
+
+def test_relative_paths_are_resolved_in_the_driver(ray_cluster, pairs, stage1, tmp_path, monkeypatch):
+    """The README's own example: contrastive.checkpoint=runs/tiny-s1, relative to where the command runs
+    (the workers chdir elsewhere), as are the shards and the storage path."""
+    monkeypatch.chdir(stage1)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        "train.storage_path=runs", f"data.train=[{os.path.relpath(pairs, stage1)}]", "contrastive.checkpoint=runs/s1",
+        "data.batch_size=2", "train.cpus_per_worker=0.5", "train.max_failures=0", "train.max_steps=2",
+        "train.checkpoint_every=2", "train.sample_every=100"])
+    result = fit(cfg, "inversion", "relative")
+    assert result.metrics["step"] == 2 and "align" in result.metrics
+    assert (stage1 / "runs" / "relative" / "checkpoint_000002" / "checkpoint.pt").exists()
+
+
+def test_errors_that_cannot_succeed_on_retry_fail_once_in_the_driver(ray_cluster, pairs, stage1, tmp_path):
+    """Each of these used to start the workers and fail in all of them, max_failures + 1 times."""
+    def fails(cfg, stage: str, name: str, error: type[Exception], match: str) -> None:
+        run = Path(cfg.train.storage_path) / name
+        before = sorted(run.rglob("*")) if run.exists() else []
+        with pytest.raises(error, match=match):
+            fit(cfg, stage, name)
+        assert (sorted(run.rglob("*")) if run.exists() else []) == before, "a trainer started"
+
+    retried = "train.max_failures=3"
+    # 24 rows split over 2 workers: 12 each, no full batch of 13
+    fails(cfg_for(tmp_path, f"data.pairs=[{pairs}]", "data.batch_size=13", "train.num_workers=2", retried),
+          "contrastive", "big", TrainSetupError, "data.batch_size")
+    # a stage-1 run name given to stage 2: it would resume the contrastive checkpoint as an inversion model
+    fails(cfg_for(stage1, f"data.train=[{pairs}]", "model.use_align=false", retried), "inversion", "s1",
+          TrainSetupError, "contrastive")
+    # files the workers would open
+    fails(cfg_for(tmp_path, f"data.pairs=[{pairs}]", f"generator.checkpoint={tmp_path / 'g.pt'}", retried),
+          "contrastive", "nogen", TrainSetupError, "generator.checkpoint")
+    fails(cfg_for(tmp_path, f"data.train=[{pairs}]", "model.use_align=false", "loss.id_network=arcface",
+                  f"loss.id_weights={tmp_path / 'id.pth'}", retried), "inversion", "noid", TrainSetupError,
+          "loss.id_weights")
+    # a config changed after loading (as bench/ and notebooks do) is validated again
+    cfg = cfg_for(tmp_path, f"data.pairs=[{pairs}]", retried)
+    cfg.data.batch_size = 0
+    fails(cfg, "contrastive", "badcfg", ConfigError, "data.batch_size")
+
+
+def test_each_rank_draws_its_own_random_numbers_and_resumes_its_own_stream(ray_cluster, pairs, tmp_path):
+    draws = tmp_path / "draws"
+    cfg = cfg_for(tmp_path, f"data.train=[{pairs}]", "model.use_align=false", "train.num_workers=2",
+                  "train.max_steps=6", "train.checkpoint_every=3", "train.sample_every=100", "train.max_failures=1")
+    faults = Faults(rank=1, step=5, marker=str(tmp_path / "killed"), rng_log=str(draws))
+    fit(cfg, "inversion", "rng", faults=faults)
+    assert (tmp_path / "killed").exists()
+
+    def logged(rank: int) -> list[tuple[int, float]]:
+        lines = (draws / f"rank{rank}.log").read_text().split("\n")
+        return [(int(s), float(v)) for s, v in (line.split() for line in lines if line)]
+
+    per_rank = [logged(0), logged(1)]
+    first = [dict(log[:3]) for log in per_rank]  # steps 1-3, before the kill
+    assert all(first[0][s] != first[1][s] for s in (1, 2, 3)), "both ranks draw the same random numbers"
+    for rank, log in enumerate(per_rank):
+        steps = [s for s, _ in log]
+        assert steps.count(4) == 2, f"rank {rank} did not redo step 4 after the resume: {steps}"
+        by_step: dict[int, set[float]] = {}
+        for s, v in log:
+            by_step.setdefault(s, set()).add(v)
+        # after the resume from step 3 each rank continues exactly the stream it had drawn from before
+        assert all(len(v) == 1 for v in by_step.values()), f"rank {rank} changed its stream on resume: {log}"
+
+
+def test_tensorboard_events_for_both_stages(ray_cluster, pairs, stage1, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def events(run: Path) -> EventAccumulator:
+        files = list(run.rglob("events.out.tfevents.*"))
+        assert files, f"no TensorBoard event files under {run}"
+        acc = EventAccumulator(str(files[0].parent), size_guidance={"scalars": 0, "images": 0})
+        return acc.Reload()
+
+    s1 = events(stage1 / "runs" / "s1")
+    for tag in ("loss", "logit_scale", "accuracy", "lr", "images_per_s"):
+        assert [e.step for e in s1.Scalars(tag)] == [1, 2, 3], tag
+
+    cfg = cfg_for(tmp_path, f"data.train=[{pairs}]", "model.use_align=false", "train.max_steps=2",
+                  "train.checkpoint_every=2", "train.sample_every=2")
+    fit(cfg, "inversion", "tb")
+    s2 = events(tmp_path / "runs" / "tb")
+    for tag in ("total", "l2/w", "lpips/f", "lr", "images_per_s"):
+        assert [e.step for e in s2.Scalars(tag)] == [1, 2], tag
+    assert s2.Scalars("lr")[-1].value == pytest.approx(cfg.optim.lr)
+    (image,) = s2.Images("samples")
+    assert image.step == 2 and image.encoded_image_string.startswith(b"\x89PNG")
+    assert (image.width, image.height) == (4 * 64, 2 * 64)  # input | G(w) | G(w+) | G(w+, f), one row per image

@@ -4,10 +4,20 @@ checkpoint/resume code, and ``fit`` that wires datasets, storage and fault toler
 Checkpoints are our platform format (``clcae.weights.save_checkpoint``) with the optimiser, step and RNG
 state added, one ``checkpoint.pt`` per ``checkpoint_{step:06d}`` directory under
 ``{train.storage_path}/{run_name}/``.  The same file feeds ``Inverter.from_checkpoint`` and stage 2.
+
+Random numbers: models are built from the config's seeds without touching the global generator, then each rank
+draws from its own stream (``seed + rank``: hflip, dropout). Every rank's stream is saved in the checkpoint
+(``rng["ranks"][r]``) and rank r resumes its own.
+
+Everything a retry cannot fix (config, paths, files, data size, a run name holding the other stage) is checked
+in the driver first (:mod:`clcae.train.preflight`); TensorBoard events go beside the checkpoints
+(:mod:`clcae.train.events`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import signal
@@ -15,27 +25,40 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from clcae.config import CLCAEConfig, from_dict, to_dict
+from clcae.config import CLCAEConfig, from_dict, to_dict, validate
+from clcae.train.preflight import CHECKPOINT_FILE, CHECKPOINT_META, TrainSetupError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from clcae.train.events import EventLog
 
 log = logging.getLogger(__name__)
 
 STAGES = ("contrastive", "inversion")
-CHECKPOINT_FILE = "checkpoint.pt"
-
-
-class TrainSetupError(ValueError):
-    """Something is wrong before any worker starts: data, stage-1 checkpoint, storage."""
 
 
 # ---------------------------------------------------------------------------------------- building a stage
 def build_stage(cfg: CLCAEConfig, stage: str, stage1: str | None, resuming: bool,
                 init_from: dict[str, Any] | None = None):
     """The step object of a stage, with its models built (generator, encoder, frozen stage-1 module).
-    ``init_from``: ``{"source", "config"}`` from :func:`init_source` (stage 2 fine-tuning a trained model)."""
+    ``init_from``: ``{"source", "config"}`` from :func:`init_source` (stage 2 fine-tuning a trained model).
+
+    Everything is built from ``cfg.seed`` in a forked random stream: every rank builds the same modules (a
+    random LPIPS trunk or ID network must be one instrument on all ranks), and the caller's stream, which
+    the loop seeded per rank, is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(cfg.seed)
+        return _build_stage(cfg, stage, stage1, resuming, init_from)
+
+
+def _build_stage(cfg: CLCAEConfig, stage: str, stage1: str | None, resuming: bool,
+                 init_from: dict[str, Any] | None = None):
     from clcae.factory import build_aligner, build_clcae, build_generator
     from clcae.train.steps import ContrastiveStep, InversionStep
 
@@ -141,46 +164,93 @@ def resolve_checkpoint(uri: str, cfg: CLCAEConfig) -> str:
 @dataclass
 class Faults:
     """Fault injection for tests and drills: rank ``rank`` SIGKILLs itself at ``step`` on the first attempt
-    (``marker`` records that it happened); every executed step is appended to ``step_log`` by rank 0."""
+    (``marker`` records that it happened); every executed step is appended to ``step_log`` by rank 0; with
+    ``rng_log`` (a folder) every rank appends ``step value`` to ``rank{r}.log``, where value is the next number
+    its random stream would draw (peeked, not consumed)."""
 
     rank: int = -1
     step: int = -1
     marker: str | None = None
     step_log: str | None = None
+    rng_log: str | None = None
 
 
-def _restore(step_obj, ckpt, device) -> int:
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":  # dropout on a GPU draws from the device's generator
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _all_rng_states(device: torch.device, world: int) -> list[dict[str, torch.Tensor]]:
+    """Every rank's random state, indexed by rank (a collective: every rank calls it at the same step)."""
+    mine = _rng_state(device)
+    if world == 1:
+        return [mine]
+    import torch.distributed as dist
+
+    states: list[dict[str, torch.Tensor] | None] = [None] * world
+    dist.all_gather_object(states, mine)
+    return [{k: v.cpu() for k, v in s.items()} for s in states]
+
+
+def _restore_rng(rng: dict, rank: int, device: torch.device) -> None:
+    """Rank ``rank`` continues its own saved stream. A checkpoint from before per-rank states (one CPU state,
+    rank 0's) or from fewer workers leaves the other ranks on their fresh ``seed + rank`` streams."""
+    states = rng.get("ranks", [rng])
+    if rank >= len(states):
+        log.warning("rank %d: the checkpoint holds random states for %d rank(s); this rank keeps a fresh stream",
+                    rank, len(states))
+        return
+    torch.set_rng_state(states[rank]["torch"].cpu())
+    if "cuda" in states[rank] and device.type == "cuda":
+        torch.cuda.set_rng_state(states[rank]["cuda"].cpu(), device)
+
+
+def _restore(step_obj, ckpt, device: torch.device, rank: int) -> int:
     with ckpt.as_directory() as d:
         state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
     step_obj.model.load_state_dict(state["state_dict"])
     step_obj.optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
+    _restore_rng(state["rng"], rank, device)
     return int(state["step"])
 
 
-def _save(step_obj, cfg: CLCAEConfig, stage: str, step: int, directory: str, run_name: str) -> None:
+def _save(step_obj, cfg: CLCAEConfig, stage: str, step: int, directory: str, run_name: str,
+          rng: list[dict[str, torch.Tensor]]) -> None:
     from clcae.weights import save_checkpoint
 
     save_checkpoint(Path(directory) / CHECKPOINT_FILE, stage, step_obj.model, to_dict(cfg),
-                    optimizer=step_obj.optimizer.state_dict(), step=step, rng={"torch": torch.get_rng_state()},
+                    optimizer=step_obj.optimizer.state_dict(), step=step, rng={"ranks": rng},
                     model_id=f"{run_name}@{step}")
+    # the driver checks a resume against this instead of downloading the checkpoint
+    (Path(directory) / CHECKPOINT_META).write_text(json.dumps({"kind": stage, "step": step, "config": to_dict(cfg)}))
 
 
-def _write_samples(columns: list[torch.Tensor], uri: str, cfg: CLCAEConfig) -> None:
+def _write_samples(columns: list[torch.Tensor], uri: str, cfg: CLCAEConfig) -> Image.Image:
+    """Write the sample grid PNG to ``uri``; returns the grid (a PIL image) for TensorBoard."""
     from clcae.data.images import image_grid, tensor_to_pil
     from clcae.data.storage import filesystem
 
     rows = list(zip(*[tensor_to_pil(c) for c in columns]))
+    grid = image_grid(rows)
     fs, path = filesystem(uri, cfg.storage)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "wb") as fh:
-        image_grid(rows).save(fh, format="PNG")
+        grid.save(fh, format="PNG")
+    return grid
 
 
 def _inject(faults: Faults, rank: int, step: int) -> None:
     if faults.step_log and rank == 0:
         with open(faults.step_log, "a") as fh:
             fh.write(f"{step}\n")
+    if faults.rng_log:
+        with torch.random.fork_rng(devices=[]):
+            peek = torch.rand(()).item()
+        os.makedirs(faults.rng_log, exist_ok=True)
+        with open(Path(faults.rng_log) / f"rank{rank}.log", "a") as fh:
+            fh.write(f"{step} {peek!r}\n")
     if rank == faults.rank and step == faults.step and faults.marker and not os.path.exists(faults.marker):
         import ray.train
 
@@ -206,12 +276,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)  # this rank's own stream (hflip, dropout); building leaves it alone
 
     ckpt = ray.train.get_checkpoint()
     step_obj = build_stage(cfg, stage, loop_config.get("stage1"), resuming=ckpt is not None,
                            init_from=loop_config.get("init_from")).to(device)
-    step = _restore(step_obj, ckpt, device) if ckpt is not None else 0
+    step = _restore(step_obj, ckpt, device, rank) if ckpt is not None else 0
     if ckpt is not None:
         log.info("rank %d resumed %s at step %d", rank, run_name, step)
     if world > 1:
@@ -223,54 +293,71 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     sample_batch = None
     metrics: dict[str, float] = {}
     t0, images_seen = time.perf_counter(), 0
-    while step < t.max_steps:
-        batches = 0
-        for batch in shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True, device=device):
-            batches += 1
-            images = batch["image"]
-            if stage == "inversion" and cfg.data.hflip:
-                images = random_hflip(images)
-            if sample_batch is None:
-                sample_batch = images[:8].clone()
-            step += 1
-            _inject(faults, rank, step)
-            metrics = step_obj(images, batch["w"], step) if stage == "contrastive" else step_obj(images, step)
-            images_seen += images.shape[0] * world
-            report, checkpoint_dir = step % t.log_every == 0, None
-            with tempfile.TemporaryDirectory() as tmp:
-                if step % t.checkpoint_every == 0 or step == t.max_steps:
-                    report = True
-                    if rank == 0:
-                        _save(step_obj, cfg, stage, step, tmp, run_name)
-                        checkpoint_dir = tmp
-                if rank == 0 and stage == "inversion" and (step % t.sample_every == 0 or step == t.max_steps):
-                    _write_samples(step_obj.samples(sample_batch), f"{loop_config['run_uri']}/samples/"
-                                   f"step_{step:06d}.png", cfg)
-                if report:
-                    elapsed = time.perf_counter() - t0
-                    metrics = {**metrics, "step": step, "images_per_s": images_seen / max(elapsed, 1e-9)}
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
-                                     if checkpoint_dir else None, checkpoint_dir_name=f"checkpoint_{step:06d}"
-                                     if checkpoint_dir else None)
-            if step >= t.max_steps:
-                break
-        if batches == 0:
-            raise RuntimeError(f"rank {rank} got no full batch of {cfg.data.batch_size} from its data shard: add data "
-                               f"or lower data.batch_size")
+    uri = loop_config["run_uri"]
+    events: EventLog | None = None
+    if rank == 0:  # one writer per run: TensorBoard beside the checkpoints
+        from clcae.train.events import EventLog
+
+        events = EventLog(uri, cfg.storage, resumed_step=step if ckpt is not None else None)
+    with events if events is not None else contextlib.nullcontext():
+        while step < t.max_steps:
+            batches = 0
+            for batch in shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True, device=device):
+                batches += 1
+                images = batch["image"]
+                if stage == "inversion" and cfg.data.hflip:
+                    images = random_hflip(images)
+                if sample_batch is None:
+                    sample_batch = images[:8].clone()
+                step += 1
+                _inject(faults, rank, step)
+                metrics = step_obj(images, batch["w"], step) if stage == "contrastive" else step_obj(images, step)
+                images_seen += images.shape[0] * world
+                report, checkpoint_dir = step % t.log_every == 0, None
+                checkpointing = step % t.checkpoint_every == 0 or step == t.max_steps
+                sampling = stage == "inversion" and (step % t.sample_every == 0 or step == t.max_steps)
+                with tempfile.TemporaryDirectory() as tmp:
+                    if checkpointing:
+                        report = True
+                        rng = _all_rng_states(device, world)  # every rank's stream goes into rank 0's file
+                        if rank == 0:
+                            _save(step_obj, cfg, stage, step, tmp, run_name, rng)
+                            checkpoint_dir = tmp
+                    if events is not None and sampling:
+                        grid = _write_samples(step_obj.samples(sample_batch), f"{uri}/samples/step_{step:06d}.png",
+                                              cfg)
+                        events.image("samples", grid, step)
+                    if report:
+                        elapsed = time.perf_counter() - t0
+                        metrics = {**metrics, "step": step, "images_per_s": images_seen / max(elapsed, 1e-9)}
+                        if events is not None:
+                            lr = step_obj.optimizer.param_groups[0]["lr"]
+                            events.scalars({**{k: v for k, v in metrics.items() if k != "step"}, "lr": lr}, step)
+                            events.sync(force=checkpointing or sampling)
+                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
+                                         if checkpoint_dir else None, checkpoint_dir_name=f"checkpoint_{step:06d}"
+                                         if checkpoint_dir else None)
+                if step >= t.max_steps:
+                    break
+            if batches == 0:
+                raise RuntimeError(f"rank {rank} got no full batch of {cfg.data.batch_size} from its data shard: "
+                                   "add data or lower data.batch_size")
     return {k: float(v) for k, v in metrics.items()}
 
 
 # ---------------------------------------------------------------------------------------- driver side
 def run_uri(cfg: CLCAEConfig, run_name: str) -> str:
-    base = cfg.train.storage_path
-    if "://" not in base:
-        base = str(Path(base).resolve())  # workers chdir elsewhere (RAY_CHDIR_TO_TRIAL_DIR)
+    from clcae.train.preflight import absolute_uri
+
+    base = absolute_uri(cfg.train.storage_path)  # workers chdir elsewhere (RAY_CHDIR_TO_TRIAL_DIR)
     return f"{base.rstrip('/')}/{run_name}"
 
 
 def build_dataset(cfg: CLCAEConfig, stage: str):
-    """Validate the shards (clear errors before any worker starts), then a decoding Ray Dataset."""
+    """Validate the shards and check that every worker gets a full batch (clear errors before any worker
+    starts), then a decoding Ray Dataset."""
     from clcae.data.shards import decode_batch, read_shards, validate_shards
+    from clcae.train.preflight import check_batches, count_rows
 
     uris = cfg.data.pairs if stage == "contrastive" else cfg.data.train
     key = "data.pairs" if stage == "contrastive" else "data.train"
@@ -278,6 +365,7 @@ def build_dataset(cfg: CLCAEConfig, stage: str):
         what, job = ("synthetic pair", "synthesize") if stage == "contrastive" else ("image", "make_shards")
         raise TrainSetupError(f"{key} is empty: point it at the {what} shards (jobs/{job}.py writes them)")
     files = validate_shards(list(uris), cfg.storage, need_w=stage == "contrastive")
+    check_batches(cfg, count_rows(files, cfg.storage), key)
     columns = ["image", "w"] if stage == "contrastive" else ["image"]
     ds = read_shards(files, cfg.storage, columns=columns)
     size = tuple(cfg.encoder.input_size)
@@ -286,30 +374,35 @@ def build_dataset(cfg: CLCAEConfig, stage: str):
 
 
 def fit(cfg: CLCAEConfig, stage: str, run_name: str, faults: Faults | None = None):
-    """Train a stage on the current Ray cluster; re-running with the same run_name resumes."""
+    """Train a stage on the current Ray cluster; re-running with the same run_name resumes.
+
+    Every error that a retry cannot fix is raised here, once, before a worker starts (ConfigError,
+    TrainSetupError, ShardError, StorageError, WeightsError); a worker's failure is retried
+    ``train.max_failures`` times from the newest checkpoint.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from clcae.data.storage import check_access, pyarrow_filesystem
+    from clcae.train.preflight import check_files, check_resume, resolve_paths
 
     if stage not in STAGES:
         raise TrainSetupError(f"stage must be one of {STAGES}, got {stage!r}")
+    # Validated again: a config changed after loading (bench/, notebooks) would otherwise fail in the workers.
+    # Paths are resolved here, against the directory the user ran the command from.
+    cfg = resolve_paths(validate(cfg))
+    uri = run_uri(cfg, run_name)
+    check_access(cfg.train.storage_path, cfg.storage, write=True)
+    resuming = check_resume(cfg, stage, run_name, uri)
     stage1 = stage1_source(cfg) if stage == "inversion" else None
     if stage1 is not None:
         from clcae.weights import read_checkpoint
 
         read_checkpoint(stage1, kind="contrastive")  # fail here, not in every worker
-    if stage == "inversion" and stage1 is None and cfg.contrastive.official_image:
-        from clcae.weights import read_state
-
-        for key in ("official_image", "official_latent"):  # fail here, not in every worker
-            read_state(getattr(cfg.contrastive, key), source=f"contrastive.{key}")
+    check_files(cfg, stage, resuming)
     init_from = init_source(cfg) if stage == "inversion" else None
     dataset = build_dataset(cfg, stage)
-    uri = run_uri(cfg, run_name)
-    check_access(cfg.train.storage_path, cfg.storage, write=True)
-    fs, path = pyarrow_filesystem(cfg.train.storage_path if "://" in cfg.train.storage_path
-                                  else str(Path(cfg.train.storage_path).resolve()), cfg.storage)
+    fs, path = pyarrow_filesystem(cfg.train.storage_path, cfg.storage)
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     trainer = TorchTrainer(
