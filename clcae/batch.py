@@ -17,6 +17,7 @@ hash of their keys, so a retried write task replaces its own file instead of add
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -44,10 +45,21 @@ MAX_EXAMPLES = 3  # error rows quoted in the job's summary
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("error", pa.string())])
 
 
-def latent_schema(style_dim: int, n_latent: int, feature_size: int | None = None, psnr: bool = True) -> pa.Schema:
+# Columns of a latent table made from raw photos (``infer.align``): where each face lies in its photo, so an edit
+# can be pasted back. The shard format's alignment columns (clcae.data.shards.ALIGN_COLUMNS) plus the number of
+# faces of the photo, which tells a re-run whether a photo is complete.
+FACE_COLUMNS = ("source_key", "face_index", "face_count", "score", "quad", "landmarks")
+
+
+def latent_schema(style_dim: int, n_latent: int, feature_size: int | None = None, psnr: bool = True,
+                  aligned: bool = False) -> pa.Schema:
+    from clcae.data.shards import ALIGN_COLUMNS
+
     fields = [("key", pa.string()), ("source", pa.string()),
               ("w", pa.list_(pa.float32(), style_dim)),
               ("w_plus", pa.list_(pa.float32(), n_latent * style_dim))]
+    if aligned:
+        fields += [(name, ALIGN_COLUMNS.get(name, pa.int32())) for name in FACE_COLUMNS]
     if feature_size:
         fields.append(("f", pa.list_(pa.float16(), feature_size)))
     if psnr:
@@ -72,6 +84,7 @@ class Inputs:
     skipped: int                        # rows already in the output
     shard_prefix: dict[str, str] = dataclass_field(default_factory=dict)  # shard file -> prefix of its keys ('' = none)
     skipped_errors: int = 0             # of the skipped rows, those in the errors table
+    skip_faces: list[str] = dataclass_field(default_factory=list)  # faces written of photos not yet complete
 
 
 def table_keys(out_uri: str, cfg: CLCAEConfig, sub: str) -> set[str]:
@@ -82,6 +95,25 @@ def table_keys(out_uri: str, cfg: CLCAEConfig, sub: str) -> set[str]:
         with fs.open(path, "rb") as fh:
             keys.update(pq.read_table(fh, columns=["key"]).column("key").to_pylist())
     return keys
+
+
+def complete_photos(out_uri: str, cfg: CLCAEConfig) -> set[str]:
+    """Photo keys whose every face is in the latent table (``face_count`` rows with their ``source_key``)."""
+    seen: dict[str, int] = {}
+    count: dict[str, int] = {}
+    for uri in st.list_files(st.join(out_uri, "latents"), cfg.storage):
+        fs, path = st.filesystem(uri, cfg.storage)
+        with fs.open(path, "rb") as fh:
+            names = pq.read_schema(fh).names
+            if "face_count" not in names:
+                raise BatchInputError(f"{out_uri} holds a latent table of aligned crops, not of photos (no face_count "
+                                      "column): write photos aligned with infer.align into another output")
+            fh.seek(0)
+            t = pq.read_table(fh, columns=["source_key", "face_count"])
+        for k, n in zip(t.column("source_key").to_pylist(), t.column("face_count").to_pylist()):
+            seen[k] = seen.get(k, 0) + 1
+            count[k] = n
+    return {k for k, n in seen.items() if n >= count[k]}
 
 
 def done_keys(out_uri: str, cfg: CLCAEConfig) -> set[str]:
@@ -137,7 +169,10 @@ def plan_inputs(uris: Iterable[str], out_uri: str, cfg: CLCAEConfig) -> Inputs:
     prefixes = key_prefixes(uris, cfg.storage)
     out_proto, out_path = _location(out_uri, cfg.storage)
     failed = table_keys(out_uri, cfg, "errors")
-    done = table_keys(out_uri, cfg, "latents") | failed
+    # Aligned photos: rows are faces keyed <photo key>#face<i>; a photo is done when it is an error row or all its
+    # faces are in the table.
+    written = complete_photos(out_uri, cfg) if cfg.infer.align else table_keys(out_uri, cfg, "latents")
+    done = written | failed
     shard_files, images, partial, shard_prefix, total, skipped, skipped_errors = [], [], {}, {}, 0, 0, 0
     seen: dict[str, str] = {}  # key -> where it came from: a key twice is refused, never written twice
 
@@ -206,7 +241,11 @@ def plan_inputs(uris: Iterable[str], out_uri: str, cfg: CLCAEConfig) -> Inputs:
                 key = prefix or posixpath.basename(split_protocol(u)[1])
             if add(key, u):
                 images.append((u, key))
-    return Inputs(shard_files, images, partial, total, skipped, shard_prefix, skipped_errors)
+    skip_faces: list[str] = []
+    if cfg.infer.align:
+        written = table_keys(out_uri, cfg, "latents")
+        skip_faces = sorted(k for k in written if k.rsplit("#face", 1)[0] not in done)
+    return Inputs(shard_files, images, partial, total, skipped, shard_prefix, skipped_errors, skip_faces)
 
 
 # --------------------------------------------------------------------------------------------- failures
@@ -294,16 +333,89 @@ def decode_rows(batch: dict[str, np.ndarray], size: tuple[int, int], skip: dict[
             "pixels": np.stack(pixels) if pixels else np.zeros((0, h, w, 3), np.uint8)}
 
 
+@functools.lru_cache(maxsize=2)
+def _aligner(domain: str, size: tuple[int, int], largest_only: bool):
+    """One detector per worker process (Ray reuses processes across tasks): MTCNN is built once, not per batch."""
+    from clcae.align import Aligner
+
+    return Aligner(domain, size, largest_only=largest_only)  # type: ignore[arg-type]
+
+
+def align_rows(batch: dict[str, np.ndarray], domain: str, size: tuple[int, int], largest_only: bool = False,
+               skip: Iterable[str] = (), min_size: int = MIN_IMAGE_SIZE) -> dict[str, np.ndarray]:
+    """key/source/image bytes of raw photos -> one row per face: key ``<photo key>#face<i>`` (0 = largest), the
+    aligned crop as pixels (B, H, W, 3) and where it lies in the photo (quad, landmarks, score, face index and
+    count). A photo that cannot be used (unreadable, too small, no face) is one error row under its own key."""
+    from clcae.data.images import InputError, check_min_size, decode_input_image
+    from clcae.data.shards import FACE_KEY
+
+    keys, sources, images = batch["key"], batch["source"], batch["image"]
+    read_errors = batch["error"] if "error" in batch else [""] * len(keys)
+    skip = set(skip)
+    h, w = size
+    rows: dict[str, list] = {k: [] for k in ("key", "source", "error", "pixels", *FACE_COLUMNS)}
+
+    def emit(key, source, error, pixels=None, photo_key="", index=-1, count=0, score=np.nan, quad=None, lm=None):
+        rows["key"].append(key)
+        rows["source"].append(source)
+        rows["error"].append(error)
+        rows["pixels"].append(np.zeros((h, w, 3), np.uint8) if pixels is None else pixels)
+        rows["source_key"].append(photo_key)
+        rows["face_index"].append(index)
+        rows["face_count"].append(count)
+        rows["score"].append(np.nan if score is None else score)
+        rows["quad"].append(np.full(8, np.nan) if quad is None else np.asarray(quad, np.float64).reshape(8))
+        rows["landmarks"].append(np.full(10, np.nan) if lm is None else np.asarray(lm, np.float64).reshape(10))
+
+    photos, names, where = [], [], []
+    for key, source, data, read_error in zip(keys, sources, images, read_errors):
+        key, source = str(key), str(source)
+        try:
+            if read_error:
+                raise InputError(str(read_error))
+            im = decode_input_image(bytes(data), min_size)  # EXIF-oriented: quads are in the photo as viewed
+            photos.append(im)
+            names.append(key)
+            where.append(source)
+        except InputError as exc:
+            emit(key, source, str(exc), photo_key=key)
+        except MemoryError as exc:
+            raise TransientError(f"out of memory while decoding {key}: {exc}") from exc
+    if photos:
+        for key, source, result in zip(names, where, _aligner(domain, size, largest_only).align_batch(photos, names)):
+            if isinstance(result, Exception):  # NoFaceError and friends: the photo's own error row
+                emit(key, source, str(result), photo_key=key)
+                continue
+            for crop in result:
+                face_key = FACE_KEY.format(key=key, index=crop.index)
+                if face_key in skip:  # written by an earlier, interrupted run
+                    continue
+                check_min_size(crop.image, min_size)
+                emit(face_key, source, "", np.asarray(crop.image, np.uint8), key, crop.index, len(result),
+                     crop.score, crop.quad, crop.landmarks)
+    n = len(rows["key"])
+    out = {k: np.asarray(v, dtype=object) for k, v in rows.items() if k in ("key", "source", "error", "source_key")}
+    out["pixels"] = np.stack(rows["pixels"]) if n else np.zeros((0, h, w, 3), np.uint8)
+    out["face_index"] = np.asarray(rows["face_index"], np.int32)
+    out["face_count"] = np.asarray(rows["face_count"], np.int32)
+    out["score"] = np.asarray(rows["score"], np.float32)
+    out["quad"] = np.stack(rows["quad"]) if n else np.zeros((0, 8))
+    out["landmarks"] = np.stack(rows["landmarks"]) if n else np.zeros((0, 10))
+    return out
+
+
 class InvertActor:
     """Ray Data actor: the Inverter, built once per actor."""
 
     def __init__(self, config: dict[str, Any], source: Any, device: str, with_f: bool, psnr: bool,
-                 faults: BatchFaults | None = None):
+                 faults: BatchFaults | None = None, edits: list[tuple[str, float]] | None = None,
+                 edited_uri: str | None = None):
         import torch
 
         from clcae.inference import Inverter
 
         cfg = from_dict(config)
+        self.edits, self.edited_uri, self.storage = list(edits or []), edited_uri, cfg.storage
         torch.set_num_threads(max(1, int(cfg.infer.cpus_per_actor)))
         # ``source``: the ModelSource the driver resolved (each actor reads the weights once), or None
         self.inverter = (Inverter.load(source, cfg, device=device) if source is not None
@@ -323,6 +435,7 @@ class InvertActor:
         out = {"key": batch["key"], "source": batch["source"], "error": batch["error"].copy(),
                "w": np.full((b, d), np.nan, np.float32), "w_plus": np.full((b, n * d), np.nan, np.float32),
                "psnr": np.full(b, np.nan, np.float32)}
+        out.update({k: batch[k] for k in FACE_COLUMNS if k in batch})
         if self.with_f:
             out["f"] = np.zeros((b, c * 256), np.float16)
         if ok.any():
@@ -330,11 +443,12 @@ class InvertActor:
             # The pixels were validated by decode_rows: nothing the model raises is the input's fault, so no
             # exception here becomes an error row. Out of memory is retried on halves of the batch, then by Ray;
             # anything else (a broken model) fails the job, which a re-run resumes.
-            self._invert_in_parts(x, np.flatnonzero(ok), out)
+            self._invert_in_parts(x, np.flatnonzero(ok), out, batch)
         out["model_id"] = np.asarray([self.inverter.model_id] * b, dtype=object)
         return out
 
-    def _invert_in_parts(self, x, rows: np.ndarray, out: dict[str, np.ndarray]) -> None:
+    def _invert_in_parts(self, x, rows: np.ndarray, out: dict[str, np.ndarray],
+                         batch: dict[str, np.ndarray] | None = None) -> None:
         """Invert ``x`` into ``out[...][rows]``; on out-of-memory, each half in turn (down to one image)."""
         import torch
 
@@ -352,8 +466,8 @@ class InvertActor:
                                      "lower infer.batch_size or use a larger device") from exc
             half = len(x) // 2
             log.warning("out of memory on %d images; inverting them as %d + %d", len(x), half, len(x) - half)
-            self._invert_in_parts(x[:half], rows[:half], out)
-            self._invert_in_parts(x[half:], rows[half:], out)
+            self._invert_in_parts(x[:half], rows[:half], out, batch)
+            self._invert_in_parts(x[half:], rows[half:], out, batch)
             return
         out["w"][rows] = res.w.float().cpu().numpy()
         out["w_plus"][rows] = res.w_plus.float().cpu().numpy().reshape(len(rows), -1)
@@ -363,6 +477,30 @@ class InvertActor:
             from clcae.metrics import psnr
 
             out["psnr"][rows] = psnr(res.image.float().cpu(), x).numpy()
+        if self.edits and batch is not None:
+            self._write_edits(res, rows, batch)
+
+    def _write_edits(self, res, rows: np.ndarray, batch: dict[str, np.ndarray]) -> None:
+        """The named edits of each image: the whole photo with the edited face pasted back (aligned input), or
+        the edited crop, as ``edited/<key>.png`` (``#`` in a face key becomes ``.``)."""
+        from clcae.data.images import encode_png, tensor_to_pil
+
+        edited = tensor_to_pil(self.inverter.edit(res, self.edits))
+        for im, row in zip(edited, rows):
+            key = str(batch["key"][row])
+            if "quad" in batch:
+                from clcae.align import paste_back
+
+                fs, path = st.filesystem(str(batch["source"][row]), self.storage)
+                with fs.open(path, "rb") as fh:
+                    photo = fh.read()
+                im = paste_back(photo, im.resize(_crop_size(batch["pixels"][row])), batch["quad"][row].reshape(4, 2))
+            st.write_bytes(st.join(self.edited_uri, key.replace("#", ".") + ".png"), encode_png(im), self.storage)
+
+
+def _crop_size(pixels: np.ndarray) -> tuple[int, int]:
+    """PIL (w, h) of an (H, W, 3) crop."""
+    return int(pixels.shape[1]), int(pixels.shape[0])
 
 
 # --------------------------------------------------------------------------------------------- sink
@@ -394,6 +532,7 @@ def make_sink(out_uri: str, cfg: CLCAEConfig, schema: pa.Schema):
             self.out, self.storage, self.schema = out_uri, cfg.storage, schema
             self.rows = cfg.infer.rows_per_file
             self.counts = {"written": 0, "errors": 0, "files": 0}
+            self.photos: set[str] = set()  # aligned photos that gave at least one face
             self.examples: list[dict[str, str]] = []  # a few error rows, for the job's summary
 
         @property
@@ -435,12 +574,15 @@ def make_sink(out_uri: str, cfg: CLCAEConfig, schema: pa.Schema):
                 counts["files"] += 1
             counts["written"] = len(good)
             counts["files"] += int(bool(bad.any()))
+            if "source_key" in table.column_names:  # aligned photos: the photos that gave faces, once each
+                counts["photos"] = sorted(set(table.column("source_key").take(good).to_pylist()))
             return counts
 
         def on_write_complete(self, write_result) -> None:
             for r in write_result.write_returns:
                 for k in self.counts:
                     self.counts[k] += r[k]
+                self.photos.update(r.get("photos", []))
                 self.examples += r["examples"][:MAX_EXAMPLES - len(self.examples)]
 
     return LatentTableSink()
@@ -448,7 +590,8 @@ def make_sink(out_uri: str, cfg: CLCAEConfig, schema: pa.Schema):
 
 # --------------------------------------------------------------------------------------------- job
 def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: Any = None,
-                    faults: BatchFaults | None = None) -> dict[str, Any]:
+                    faults: BatchFaults | None = None, edits: list[tuple[str, float]] | None = None
+                    ) -> dict[str, Any]:
     """Run the bulk job; returns {"inputs", "skipped", "written", "errors", "skipped_errors", "error_examples",
     ...} with inputs == skipped + written + errors (``skipped_errors``: skipped rows that are error rows).
 
@@ -457,6 +600,12 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: A
     failures (out of memory, storage timeouts) are retried ``infer.max_retries`` times per task, and a dead actor
     is restarted with its task; if a failure persists the job raises, and a re-run resumes. ``faults`` injects
     failures (tests, drills).
+
+    ``cfg.infer.align`` ("faces" | "cars"): inputs are raw photos, aligned in Ray Data tasks; rows are faces
+    (``<key>#face<i>``, with the quad etc.), a photo without a face is an error row, and the accounting is per
+    photo: inputs == skipped + photos (that gave faces) + errors; ``written`` counts face rows.
+    ``edits`` [(direction, strength)]: also write each image edited to ``OUT/edited/`` (the whole photo with the
+    edit pasted back when aligned). Directions are loaded only when edits are asked for.
     """
     import ray
 
@@ -485,14 +634,23 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: A
                                        batch_format="numpy"))
     ds = datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
     size = tuple(cfg.encoder.input_size)
-    ds = ds.map_batches(decode_rows, fn_kwargs={"size": size, "skip": plan.partial or None}, batch_format="numpy",
-                        batch_size=cfg.infer.batch_size)
     i = cfg.infer
+    if i.align:
+        ds = ds.map_batches(align_rows, fn_kwargs={"domain": i.align, "size": size, "largest_only": i.largest_face_only,
+                                                   "skip": plan.skip_faces}, batch_format="numpy",
+                            batch_size=i.batch_size)
+    else:
+        ds = ds.map_batches(decode_rows, fn_kwargs={"size": size, "skip": plan.partial or None}, batch_format="numpy",
+                            batch_size=i.batch_size)
     use_gpu = i.use_gpu
+    job_cfg = to_dict(cfg)
+    if not edits:
+        job_cfg["directions"] = {}  # inverting needs no direction files
     ds = ds.map_batches(
-        InvertActor, fn_constructor_kwargs={"config": to_dict(cfg), "source": source,
+        InvertActor, fn_constructor_kwargs={"config": job_cfg, "source": source,
                                             "device": "cuda" if use_gpu else "cpu", "with_f": i.with_f,
-                                            "psnr": i.psnr, "faults": faults},
+                                            "psnr": i.psnr, "faults": faults, "edits": edits,
+                                            "edited_uri": st.join(out_uri, "edited")},
         batch_size=i.batch_size, batch_format="numpy", num_gpus=1 if use_gpu else 0, num_cpus=i.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=i.actors))
     g = cfg.generator
@@ -500,7 +658,7 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: A
     from clcae.models.stylegan2 import channel_table
 
     feature = channel_table(g.channel_multiplier, g.channel_max)[16] * 256 if i.with_f else None
-    sink = make_sink(out_uri, cfg, latent_schema(g.style_dim, n, feature, i.psnr))
+    sink = make_sink(out_uri, cfg, latent_schema(g.style_dim, n, feature, i.psnr, aligned=bool(i.align)))
     # Retries of transient failures, set on this dataset's own DataContext (a copy taken when it was created), so
     # other datasets of the process are unaffected. Ray Data's own defaults already restart a dead actor and
     # resubmit its task (max_restarts / max_task_retries = -1), and retry reads of Parquet on S3 errors.
@@ -510,6 +668,8 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: A
     ds.write_datasink(sink)
     summary.update(written=sink.counts["written"], errors=sink.counts["errors"], error_examples=sink.examples,
                    seconds=round(time.perf_counter() - t0, 2))
+    if i.align:
+        summary["photos"] = len(sink.photos)  # inputs == skipped + photos + errors
     summary["images_per_s"] = round((summary["written"] + summary["errors"]) / max(summary["seconds"], 1e-9), 2)
     return summary
 

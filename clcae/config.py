@@ -176,6 +176,10 @@ class InferConfig:
     rows_per_file: int = 20_000  # latent-table rows per Parquet file (about 0.8 GB of w+ at 18x512)
     with_f: bool = False  # also store f (C x 16 x 16, float16): about 256 KB per row at C = 512
     psnr: bool = True  # store the reconstruction PSNR of G(w+, f) per row
+    # Raw photos in: "faces" (FFHQ alignment, every face a row keyed <key>#face<i>) or "cars" (the official crop);
+    # null = inputs are already aligned crops, resized to the input size.
+    align: str | None = None
+    largest_face_only: bool = False  # with align=faces: one row per photo, its largest face
     max_retries: int = 3  # retries of a task hit by a transient failure (out of memory, storage timeout)
 
 
@@ -518,6 +522,7 @@ def _check_data_train_storage(cfg: CLCAEConfig, check: Check) -> None:
     for name in ("batch_size", "actors", "rows_per_file"):
         check(getattr(i, name) >= 1, f"infer.{name}", "must be >= 1")
     check(i.cpus_per_actor > 0, "infer.cpus_per_actor", "must be > 0")
+    check(i.align in (None, "faces", "cars"), "infer.align", "must be faces, cars or null (inputs already aligned)")
     check(i.max_retries >= 0, "infer.max_retries", "must be >= 0")
     v = cfg.serve
     check(1 <= v.port <= 65535, "serve.port", "must be a TCP port (1..65535)")

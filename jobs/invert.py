@@ -33,6 +33,7 @@ from clcae.config import ConfigError, load_config  # noqa: E402
 from clcae.data.shards import ShardError  # noqa: E402
 from clcae.data.storage import StorageError, absolute, absolute_paths  # noqa: E402
 from clcae.editing import DirectionFileError, EditError  # noqa: E402
+from clcae.evaluation import EvaluationError, parse_edit  # noqa: E402
 from clcae.inference import directions_from_config  # noqa: E402
 from clcae.pretrained import prepare  # noqa: E402
 from clcae.train.runtime import init_ray  # noqa: E402
@@ -41,10 +42,13 @@ from clcae.weights import WeightsError  # noqa: E402
 
 def exit_status(summary: dict) -> tuple[int, str | None]:
     """(exit code, message for stderr) of a finished job's summary."""
-    if summary["inputs"] != summary["skipped"] + summary["written"] + summary["errors"]:
-        return 1, "the counts do not add up (inputs != skipped + written + errors)"
+    # aligned photos: an input is a photo, which gives several face rows or one error row
+    done = summary.get("photos", summary["written"])
+    if summary["inputs"] != summary["skipped"] + done + summary["errors"]:
+        what = "photos" if "photos" in summary else "written"
+        return 1, f"the counts do not add up (inputs != skipped + {what} + errors)"
     failed = summary["errors"] + summary.get("skipped_errors", 0)
-    if summary["inputs"] and summary["written"] == 0 and failed == summary["inputs"]:
+    if summary["inputs"] and done == 0 and failed == summary["inputs"]:
         # Every input is an error row, in this run or an earlier one: nothing was inverted, which is a failure
         # whoever runs the job (a scheduler must not see success), and a re-run would skip them all again.
         examples = "; ".join(f"{e['key']}: {e['error']}" for e in summary.get("error_examples", []))
@@ -62,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="registry name, the authors' file, our checkpoint or run directory, or an export")
     parser.add_argument("--input", nargs="+", required=True, help="shard folders/files or image folders")
     parser.add_argument("--output", required=True, help="output folder URI")
+    parser.add_argument("--align", choices=("faces", "cars"), default=None,
+                        help="inputs are raw photos: align them first (faces: every face a row; = infer.align)")
+    parser.add_argument("--largest-face", action="store_true", help="with --align faces: only the largest face")
+    parser.add_argument("--edit", action="append", default=[], metavar="NAME=STRENGTH",
+                        help="also write each image edited to OUT/edited/ (the whole photo when aligned); repeat "
+                             "to combine directions from the config's directions")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (anywhere on the line)")
     return parser
 
@@ -82,14 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.model:
             source, cfg = prepare(args.model, cfg, args.overrides)
         absolute_paths(cfg)
-        # The actors load the directions with the model: a wrong path fails here, at once, not in every actor
-        directions_from_config(cfg)
-    except (ConfigError, WeightsError, DirectionFileError, EditError, FileNotFoundError) as exc:
+        if args.align:
+            cfg.infer.align = args.align
+        cfg.infer.largest_face_only = cfg.infer.largest_face_only or args.largest_face
+        edits = [parse_edit(spec) for spec in args.edit]
+        if edits:
+            # the actors load the directions with the model: a wrong name or path fails here, at once
+            directions_from_config(cfg)._validated(edits)
+    except (ConfigError, WeightsError, DirectionFileError, EditError, EvaluationError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     init_ray()
     try:
-        summary = invert_to_table(cfg, inputs, output, source)
+        summary = invert_to_table(cfg, inputs, output, source, edits=edits)
     except (BatchInputError, ShardError, StorageError) as exc:  # refused while planning: nothing ran
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -88,7 +88,7 @@ def test_invert_job_runs_from_another_folder_with_its_default_config(monkeypatch
     invert = script("jobs/invert.py")
     calls = {}
 
-    def fake_invert_to_table(cfg, inputs, out, source=None):
+    def fake_invert_to_table(cfg, inputs, out, source=None, edits=None):
         calls.update(cfg=cfg, inputs=inputs, out=out, source=source)
         return {"inputs": 1, "skipped": 0, "written": 1, "errors": 0, "output": out}
 
@@ -181,7 +181,7 @@ def test_invert_resolves_every_path_in_the_driver(monkeypatch, tmp_path):
     make_direction_files(work, overrides, style_dim=64)
     calls = {}
 
-    def fake_invert_to_table(cfg, inputs, out, source=None):
+    def fake_invert_to_table(cfg, inputs, out, source=None, edits=None):
         calls.update(cfg=cfg, inputs=inputs, out=out, source=source)
         raise Recorded
 
@@ -203,10 +203,21 @@ def test_invert_refuses_a_missing_direction_file_before_starting(monkeypatch, tm
     invert = script("jobs/invert.py")
     monkeypatch.setattr(invert, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
     monkeypatch.chdir(tmp_path)
-    code = invert.main(["--input", "in", "--output", "out", "directions.x.kind=interfacegan",
-                        "directions.x.path=nowhere/x.pt"])
+    args = ["--input", "in", "--output", "out", "directions.x.kind=interfacegan", "directions.x.path=nowhere/x.pt"]
+    code = invert.main([*args, "--edit", "x=1.0"])
     assert code == 2
     assert "nowhere/x.pt" in capsys.readouterr().err
+    # without --edit the job needs no direction file (e.g. configs/ffhq.yaml without the e4e files): it starts
+
+    class Started(Exception):
+        pass
+
+    def started(*a, **k):
+        raise Started
+
+    monkeypatch.setattr(invert, "init_ray", started)
+    with pytest.raises(Started):
+        invert.main(args)
 
 
 def test_synthesize_resolves_its_output_and_model_files_in_the_driver(monkeypatch, tmp_path):
