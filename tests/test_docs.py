@@ -218,7 +218,9 @@ def _import_path(target: str, cmd: Command) -> None:
 
 
 def check_serve(cmd: Command, argv: list[str]) -> None:
-    assert argv[1:2] == ["run"], f"{cmd}\n  only `serve run` is checked"
+    assert argv[1:2] in (["run"], ["deploy"]), f"{cmd}\n  only `serve run` and `serve deploy` are known"
+    if len(argv) < 3:  # the command named in prose ("with `serve run`/`serve deploy` ..."): nothing to check
+        return
     target = argv[2]
     if target.endswith((".yaml", ".yml")):
         _repo_files([target], cmd)
