@@ -1,0 +1,137 @@
+"""Bulk inversion of raw photos: throughput with and without alignment, and where the time goes.
+
+    python bench/photos.py [--photos 64] [--rounds 2] [--out FILE.json] [key=value ...]
+
+Inputs are real-photo variants (scikit-image's astronaut: random crops, scales and mirrors, saved as JPEG at
+512 px), so every photo has one face.  ``aligned``: the job (``clcae.batch.invert_to_table``) on crops that
+``Aligner`` made beforehand (what a user with an aligned dataset runs); ``align``: the same job on the raw photos
+with ``infer.align=faces`` (detection + FFHQ crop in Ray Data tasks, then the same inversion actor).  Rounds are
+interleaved (aligned, align, aligned, align ...) on one Ray cluster; medians are reported.  The split times the
+two stages in this process, one batch at a time: ``align_rows`` per photo and the inversion actor per image.
+The model is the config's (tiny by default, random weights: the speed is the point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+from clcae.cli_args import config_file, default_config, parse_with_overrides  # noqa: E402
+from clcae.config import load_config  # noqa: E402
+
+
+def write_photos(folder: Path, n: int, seed: int = 0) -> None:
+    from skimage import data as skimage_data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    base = Image.fromarray(skimage_data.astronaut())
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        side = int(rng.integers(420, 512))
+        x0, y0 = (int(v) for v in rng.integers(0, 512 - side + 1, 2))
+        im = base.crop((x0, y0, x0 + side, y0 + side)).resize((512, 512), Image.Resampling.BICUBIC)
+        if rng.random() < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        im.save(folder / f"photo_{i:05d}.jpg", quality=92)
+
+
+def write_crops(photos: Path, folder: Path, size: tuple[int, int]) -> None:
+    from clcae.align import Aligner
+
+    folder.mkdir(parents=True, exist_ok=True)
+    aligner = Aligner("faces", size)
+    for p in sorted(photos.iterdir()):
+        aligner(p.read_bytes(), name=p.name)[0].image.save(folder / f"{p.stem}.png")
+
+
+def split(cfg, photos: Path, batch: int) -> dict:
+    """Seconds per photo of the alignment stage and per image of the inversion stage, in this process."""
+    from clcae.batch import InvertActor, align_rows
+    from clcae.config import to_dict
+
+    files = sorted(photos.iterdir())[:batch]
+    rows = {"key": np.asarray([f.name for f in files], dtype=object),
+            "source": np.asarray([str(f) for f in files], dtype=object),
+            "image": np.asarray([f.read_bytes() for f in files], dtype=object)}
+    size = tuple(cfg.encoder.input_size)
+    align_rows(rows, "faces", size)  # warm-up: builds the detector
+    t0 = time.perf_counter()
+    faces = align_rows(rows, "faces", size)
+    align_s = (time.perf_counter() - t0) / len(files)
+    actor = InvertActor(to_dict(cfg), None, "cpu", False, True)
+    actor(faces)  # warm-up
+    t0 = time.perf_counter()
+    actor(faces)
+    invert_s = (time.perf_counter() - t0) / len(faces["key"])
+    return {"align_ms_per_photo": round(1000 * align_s, 1), "invert_ms_per_image": round(1000 * invert_s, 1),
+            "align_share": round(align_s / (align_s + invert_s), 3)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=config_file, default=default_config("tiny"))
+    p.add_argument("--photos", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", default=None)
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parse_with_overrides(build_parser(), argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, [*args.overrides, f"infer.batch_size={args.batch}", "infer.psnr=false"])
+    from clcae.batch import invert_to_table
+    from clcae.train.runtime import init_ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        photos, crops = tmp_path / "photos", tmp_path / "crops"
+        write_photos(photos, args.photos)
+        write_crops(photos, crops, tuple(cfg.encoder.input_size))
+        result = {"photos": args.photos, "batch": args.batch, "config": str(args.config), "split": split(
+            cfg, photos, args.batch)}
+        init_ray()
+        runs: dict[str, list[float]] = {"aligned": [], "align": []}
+        for r in range(args.rounds):
+            for name in runs:
+                job_cfg = load_config(args.config, [*args.overrides, f"infer.batch_size={args.batch}",
+                                                    "infer.psnr=false", *(["infer.align=faces"] if name == "align"
+                                                                          else [])])
+                out = tmp_path / f"out_{name}_{r}"
+                t0 = time.perf_counter()
+                summary = invert_to_table(job_cfg, [str(crops if name == "aligned" else photos)], str(out))
+                seconds = time.perf_counter() - t0
+                assert summary["errors"] == 0 and summary["written"] == args.photos, summary
+                runs[name].append(args.photos / seconds)
+        result["images_per_s"] = {k: round(statistics.median(v), 2) for k, v in runs.items()}
+        result["images_per_s_all"] = {k: [round(x, 2) for x in v] for k, v in runs.items()}
+        result["align_vs_aligned"] = round(result["images_per_s"]["align"] / result["images_per_s"]["aligned"], 3)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
