@@ -36,11 +36,10 @@ import pyarrow.parquet as pq
 
 from clcae.config import CLCAEConfig, StorageConfig, from_dict, n_latent, to_dict
 from clcae.data import storage as st
-from clcae.data.images import MIN_IMAGE_SIZE
+from clcae.data.images import IMAGE_SUFFIXES, MIN_IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MAX_EXAMPLES = 3  # error rows quoted in the job's summary
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("error", pa.string())])
 

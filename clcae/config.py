@@ -136,6 +136,10 @@ class DirectionConfig:
     component: int | None = None  # GANSpace: PCA component index
     layers: list[int] | None = None  # [start, end): the w+ layers an edit touches (GANSpace: required)
     max_strength: float = 5.0
+    # GANSpace only: "offset" (ours: strength 0 = unedited) or "target" (the authors' get_delta: the strength is
+    # the coordinate to move to); strength = the preset strength the authors' scripts use
+    mode: str | None = None
+    strength: float | None = None
 
 
 @dataclass
@@ -553,6 +557,9 @@ def _check_directions(cfg: CLCAEConfig, check: Check) -> None:
             check(d.layers is not None, f"{key}.layers", "a GANSpace direction needs layers [start, end)")
         elif d.kind == "interfacegan":
             check(d.component is None, f"{key}.component", "only GANSpace directions take a component")
+            check(d.mode is None and d.strength is None, f"{key}.mode" if d.mode is not None else f"{key}.strength",
+                  "only GANSpace directions take a mode and a preset strength")
+        check(d.mode in (None, "offset", "target"), f"{key}.mode", "must be offset or target (the authors')")
         if d.layers is not None:
             ok = len(d.layers) == 2 and 0 <= d.layers[0] < d.layers[1] and (n is None or d.layers[1] <= n)
             check(ok, f"{key}.layers", f"must be [start, end) with 0 <= start < end <= {n} (the w+ layers)")

@@ -358,17 +358,6 @@ def ganspace_edit(
     return _keep_where_zero(s, edited, w_plus) if mode == "offset" else edited
 
 
-def feature_edit(f: torch.Tensor, g5_original: torch.Tensor, g5_edited: torch.Tensor) -> torch.Tensor:
-    """Eq. 6: ``f_hat = f + G5(w_hat+) - G5(w+)``, all (B, C, H, W)."""
-    if not (f.shape == g5_original.shape == g5_edited.shape):
-        raise EditError(
-            f"feature edit needs f, G5(w+) and G5(w_hat+) of one shape; got {tuple(f.shape)}, "
-            f"{tuple(g5_original.shape)}, {tuple(g5_edited.shape)}"
-        )
-    # The difference first: equal G5s then give exactly f ((f + g) - g can round).
-    return f + (g5_edited - g5_original)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Registry
 

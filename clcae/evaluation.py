@@ -38,7 +38,7 @@ from PIL import Image
 
 from clcae.config import StorageConfig
 from clcae.data import storage as st
-from clcae.data.images import InputError, check_min_size, decode_input_image
+from clcae.data.images import IMAGE_SUFFIXES, InputError, check_min_size, decode_input_image
 from clcae.inference import Inverter
 from clcae.losses import IDLoss
 from clcae.metrics import LPIPS_SIZE, MetricSuite, check_pair
@@ -51,7 +51,6 @@ COLUMNS: dict[str, tuple[str, str]] = {"CLCAE_w": ("w", "G(w)"), "CLCAE_w+": ("w
 METRICS = ("psnr", "ssim", "lpips", "id")
 ROWS = (("psnr", "PSNR↑"), ("ssim", "SSIM↑"), ("lpips", "LPIPS↓"), ("id", "ID↑"), ("time_s", "Time (s)↓"),
         ("id_after_edit", "ID after edit↑"))
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 SSIM_DESCRIPTION = {"gaussian11": "Gaussian window 11, sigma 1.5 (Wang et al.)",
                     "uniform21": "uniform 21x21 window, sample covariance (the authors' measure.py)"}
 WARMUP_CALLS = 2
@@ -84,7 +83,7 @@ def read_images(uri: str, storage: StorageConfig | None = None) -> Iterator[tupl
         return
     with st.storage_errors(uri, storage):
         found = sorted(fs.find(path))
-    files = [p for p in found if not _hidden(posixpath.relpath(p, path))]
+    files = [p for p in found if not st.hidden(posixpath.relpath(p, path))]
     images = [p for p in files if p.lower().endswith(IMAGE_SUFFIXES)]
     shards = [p for p in files if p.lower().endswith(".parquet")]
     if shards and images:  # never guess which half the user meant, and never drop the other half silently
@@ -112,10 +111,6 @@ def _read_shards(files: Sequence[str], storage: StorageConfig | None) -> Iterato
         with st.storage_errors(uri, storage), fs.open(path, "rb") as fh:
             for batch in pq.ParquetFile(fh).iter_batches(batch_size=64, columns=["key", "image"]):
                 yield from zip(batch.column("key").to_pylist(), batch.column("image").to_pylist())
-
-
-def _hidden(relpath: str) -> bool:
-    return any(part.startswith((".", "_")) for part in relpath.split("/"))
 
 
 def _decoded_batches(images: Iterable[tuple[str, ImageLike]], batch_size: int, limit: int | None,

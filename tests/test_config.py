@@ -322,3 +322,13 @@ def test_baseline_variants_load_without_l_align():
     assert (cfg.model.variant, cfg.loss.delta_reg) == ("e4e", 0.01)
     assert load("tiny").model.variant == "clcae" and load("tiny").loss.delta_reg == 0.0
     assert load("tiny", "model.variant=psp", "loss.align=0").model.variant == "psp"  # L_align off by weight
+
+
+def test_direction_mode_and_preset_strength_are_in_the_schema():
+    """The README's GANSpace ``mode="target"`` (the authors' get_delta) is a config key, checked per kind."""
+    cfg = load_config(CONFIGS / "ffhq.yaml", ["directions.eyes.mode=target", "directions.eyes.strength=20"])
+    assert cfg.directions["eyes"].mode == "target" and cfg.directions["eyes"].strength == 20
+    with pytest.raises(ConfigError, match="directions.eyes.mode"):
+        load_config(CONFIGS / "ffhq.yaml", ["directions.eyes.mode=absolute"])
+    with pytest.raises(ConfigError, match="directions.smile.mode.*only GANSpace"):
+        load_config(CONFIGS / "ffhq.yaml", ["directions.smile.mode=target"])

@@ -15,7 +15,6 @@ from clcae.editing import (
     EditError,
     GANSpaceEdit,
     GANSpacePCA,
-    feature_edit,
     ganspace_coordinate,
     ganspace_edit,
     interfacegan_edit,
@@ -288,16 +287,6 @@ def test_presets_are_the_authors_tuples():
         "color": (22, 9, 11, -8),
         "grass": (41, 9, 11, -18),
     }
-
-
-def test_feature_edit():
-    gen = torch.Generator().manual_seed(5)
-    f, g5 = torch.randn(2, 8, 4, 4, generator=gen) * 1e-6, torch.randn(2, 8, 4, 4, generator=gen) * 1e3
-    assert torch.equal(feature_edit(f, g5, g5.clone()), f)
-    g5_edited = g5 + 1.0
-    torch.testing.assert_close(feature_edit(f, g5, g5_edited), f + 1.0)
-    with pytest.raises(EditError, match="one shape"):
-        feature_edit(f, g5, g5[:1])
 
 
 # ------------------------------------------------------------------------------------------------ registry

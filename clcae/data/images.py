@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# What the platform reads as an image file when it lists a folder (the batch job, evaluate).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # Decompression-bomb guard: far above any real photo, far below what would exhaust memory.
 MAX_PIXELS = 64_000_000
 # The smallest accepted side, in pixels, for every front door (make_shards, the batch job, evaluate, Serve), so an

@@ -158,7 +158,7 @@ def list_files(uri: str, storage: StorageConfig | None = None, suffix: str = ".p
         if info["type"] != "directory":
             return [uri]
         found = fs.find(path)
-    keep = [p for p in found if p.endswith(suffix) and not _hidden(posixpath.relpath(p, path))]
+    keep = [p for p in found if p.endswith(suffix) and not hidden(posixpath.relpath(p, path))]
     return sorted(with_protocol(uri, p) for p in keep)
 
 
@@ -382,7 +382,8 @@ def _bucket_only(uri: str) -> bool:
     return "/" not in _split(uri)[1].strip("/")
 
 
-def _hidden(relpath: str) -> bool:
+def hidden(relpath: str) -> bool:
+    """A path with a part starting with "." or "_" (temp files, _SUCCESS, _errors/): not data."""
     return any(part.startswith((".", "_")) for part in relpath.split("/") if part not in ("", "."))
 
 
