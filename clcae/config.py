@@ -251,6 +251,11 @@ class CLCAEConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     directions: dict[str, DirectionConfig] = field(default_factory=dict)
 
+    @property
+    def uses_align(self) -> bool:
+        """Stage 2 trains with L_align (and so needs the stage-1 module): model.use_align and loss.align > 0."""
+        return self.model.use_align and self.loss.align > 0
+
 
 class ConfigError(ValueError):
     """A config that cannot be loaded or is invalid; ``keys`` lists the dotted keys at fault."""
@@ -465,7 +470,7 @@ def _check_model(cfg: CLCAEConfig, check: Check) -> None:
     m, c = cfg.model, cfg.contrastive
     check(m.variant in MODEL_VARIANTS, "model.variant", f"must be one of {', '.join(MODEL_VARIANTS)}")
     if m.variant in ("psp", "e4e"):
-        check(not (m.use_align and cfg.loss.align > 0), "model.use_align",
+        check(not cfg.uses_align, "model.use_align",
               f"the {m.variant} baseline has no L_align (it trains on G(w+) alone): set model.use_align=false")
     check(m.attention_heads >= 1, "model.attention_heads", "must be >= 1")
     check(m.attention_ffn >= 1, "model.attention_ffn", "must be >= 1")

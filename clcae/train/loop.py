@@ -75,7 +75,7 @@ def _build_stage(cfg: CLCAEConfig, stage: str, stage1: str | None, resuming: boo
     aligner = None
     if stage1 is not None:
         aligner = load_stage1(cfg, stage1, x_avg, latent_avg)
-    elif cfg.model.use_align and cfg.loss.align > 0 and cfg.contrastive.official_image:
+    elif cfg.uses_align and cfg.contrastive.official_image:
         from clcae.weights import load_official_contrastive
 
         # the authors' released stage-1 pair (best_model_image.pt + best_model_latent.pt)
@@ -132,7 +132,7 @@ def load_stage1(cfg: CLCAEConfig, uri: str, x_avg: torch.Tensor, latent_avg: tor
 
 def stage1_source(cfg: CLCAEConfig) -> str | None:
     """The stage-1 checkpoint file stage 2 needs (None when L_align is off); a run directory means its newest."""
-    if not (cfg.model.use_align and cfg.loss.align > 0):
+    if not cfg.uses_align:
         return None
     uri = cfg.contrastive.checkpoint
     if not uri and cfg.contrastive.official_image:

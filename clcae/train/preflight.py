@@ -92,7 +92,7 @@ def files_workers_open(cfg: CLCAEConfig, stage: str, resuming: bool) -> list[tup
     if stage == "inversion" and loss.id > 0 and loss.id_network != "none":
         files.append(("loss.id_weights", loss.id_weights))
     c = cfg.contrastive
-    if stage == "inversion" and cfg.model.use_align and loss.align > 0 and not c.checkpoint:
+    if stage == "inversion" and cfg.uses_align and not c.checkpoint:
         files += [("contrastive.official_image", c.official_image), ("contrastive.official_latent", c.official_latent)]
     return [(key, uri) for key, uri in files if uri]
 
