@@ -17,8 +17,10 @@ config.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -63,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        summary = make_shards(args.src, args.dst, cfg.storage, rows_per_shard=args.rows_per_shard,
-                              min_size=args.min_size, overwrite=args.overwrite, workers=args.workers,
-                              progress_every=args.progress_every, align=args.align, align_size=args.align_size,
-                              largest_only=args.largest_only, device=args.device)
+        with _one_torch_thread(args.align == "faces" and args.device == "cpu"):
+            summary = make_shards(args.src, args.dst, cfg.storage, rows_per_shard=args.rows_per_shard,
+                                  min_size=args.min_size, overwrite=args.overwrite, workers=args.workers,
+                                  progress_every=args.progress_every, align=args.align,
+                                  align_size=args.align_size, largest_only=args.largest_only, device=args.device)
     except ConfigError as exc:
         print(f"make_shards: {exc}", file=sys.stderr)
         return 2
@@ -79,6 +82,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     return 0
 
+
+@contextlib.contextmanager
+def _one_torch_thread(active: bool) -> Iterator[None]:
+    """Parallel over photos (--workers), one intra-op thread each: the face detector's many small ops ran
+    several times slower with 2 threads waiting for each other on a busy machine (bench/README.md)."""
+    if not active:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)  # main() also runs inside other processes (tests)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image, ImageOps
 from skimage import data as skimage_data
 
@@ -46,6 +47,15 @@ def png(im: Image.Image) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The detector's small ops run several times faster on one thread on a busy machine (bench/README.md)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +103,8 @@ def test_face_found_where_the_ffhq_template_puts_it(upright):
     np.testing.assert_allclose(upright.quad, ffhq_quad(upright.landmarks))
     # The template, from the definition: in the crop, c = eye_avg + 0.1 e2m is the centre, the quad's x axis
     # (e2e minus e2m turned by 90 degrees) is horizontal, and max(2|e2e|, 1.8|e2m|) is half the side.
-    # Landmarks found again by the detector in the crop must satisfy it within 3% of the side (3 degrees).
+    # Landmarks found again by the detector in the crop must satisfy it within 1% of the side (1 degree);
+    # measured: 0.01% (centre), 0.007 degrees, 0.02% (scale), 0.03% (each point): the refinement's fixed point.
     found = FaceDetector()([upright.image])
     assert len(found[0]) == 1
     lm = found[0][0].landmarks
@@ -101,11 +112,11 @@ def test_face_found_where_the_ffhq_template_puts_it(upright):
     e2e, e2m = lm[1] - lm[0], (lm[3] + lm[4]) / 2 - eye_avg
     centre = eye_avg + 0.1 * e2m
     x_axis = e2e - np.flipud(e2m) * [-1, 1]
-    assert np.abs(centre - (SIZE / 2 - 0.5)).max() < 0.03 * SIZE, centre
-    assert abs(np.degrees(np.arctan2(x_axis[1], x_axis[0]))) < 3.0, x_axis
-    assert abs(max(2 * np.hypot(*e2e), 1.8 * np.hypot(*e2m)) - SIZE / 2) < 0.03 * SIZE
+    assert np.abs(centre - (SIZE / 2 - 0.5)).max() < 0.01 * SIZE, centre
+    assert abs(np.degrees(np.arctan2(x_axis[1], x_axis[0]))) < 1.0, x_axis
+    assert abs(max(2 * np.hypot(*e2e), 1.8 * np.hypot(*e2m)) - SIZE / 2) < 0.01 * SIZE
     # and each point where the photo's landmarks, carried through the quad, say it is
-    assert np.abs(lm - to_crop(upright, upright.landmarks)).max() < 0.03 * SIZE
+    assert np.abs(lm - to_crop(upright, upright.landmarks)).max() < 0.01 * SIZE
 
 
 def test_face_at_the_photo_edge_is_padded_and_faded(upright, astronaut):
@@ -176,7 +187,8 @@ def test_exif_orientation_is_applied_before_alignment(aligner, astronaut, uprigh
     stored.save(buf, format="JPEG", quality=95, exif=exif)
     faces = aligner(buf.getvalue())
     assert len(faces) == 1 and faces[0].source_size == astronaut.size
-    # the same quad as the upright photo's, in the oriented frame (JPEG noise: within 1% of the quad side)
+    # the same quad as the upright photo's, in the oriented frame (JPEG noise: within 1% of the quad side;
+    # measured 0.04%)
     side = np.hypot(*(upright.quad[3] - upright.quad[0]))
     assert np.abs(faces[0].quad - upright.quad).max() < 0.01 * side
     oriented = ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue())))

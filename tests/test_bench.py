@@ -107,3 +107,20 @@ def test_fidelity_tables_aggregate_seeds_and_show_missing_cells(fidelity):
     rows = text.splitlines()
     assert rows[2].startswith("| CLCAE | 21.00 ± 1.00 | n/a | 18.00 ± 0.00 | n/a |")
     assert rows[3] == "| pSp | n/a | n/a | n/a | n/a |"
+
+
+def test_align_bench_reports_faces_per_s_and_writes_a_panel(tmp_path, capsys):
+    from PIL import Image
+
+    align = load_bench("align")
+    out, panel = tmp_path / "align.json", tmp_path / "panel.png"
+    assert align.main(["--megapixels", "0.5", "--repeats", "1", "--out", str(out), "--panel", str(panel)]) == 0
+    result = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    (size,) = result["sizes"]
+    assert size["faces"] == 1 and size["faces_per_s"] > 0 and size["faces_per_cpu_s"] > 0
+    assert Image.open(panel).height == 384 + 22  # two panels at one height, a label row under them
+    # later steps append panels (reconstruction, edit pasted back): any number, any widths
+    extra = align.write_panel(tmp_path / "more.png", [(name, Image.new("RGB", (w, 50))) for name, w in
+                                                      (("original", 100), ("aligned", 50), ("edit", 50))], height=100)
+    assert Image.open(extra).size == (200 + 100 + 100 + 2 * 6, 100 + 22)
