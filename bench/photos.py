@@ -1,6 +1,8 @@
 """Bulk inversion of raw photos: throughput with and without alignment, and where the time goes.
 
     python bench/photos.py [--photos 64] [--rounds 2] [--out FILE.json] [key=value ...]
+    python bench/photos.py --panel bench/results/photo_edit_astronaut.png [--model clcae-ffhq --config configs/ffhq.yaml
+                           --edit smile=2.0]   # the picture only: original | aligned | reconstruction | edit
 
 Inputs are real-photo variants (scikit-image's astronaut: random crops, scales and mirrors, saved as JPEG at
 512 px), so every photo has one face.  ``aligned``: the job (``clcae.batch.invert_to_table``) on crops that
@@ -81,6 +83,37 @@ def split(cfg, photos: Path, batch: int) -> dict:
             "align_share": round(align_s / (align_s + invert_s), 3)}
 
 
+def panel(cfg, path: str, model: str | None, edit: str | None) -> None:
+    """original (faces boxed) | aligned crop | reconstruction | edit pasted back into the whole photo."""
+    import torch
+    from skimage import data as skimage_data
+
+    from bench.align import draw_faces, write_panel
+    from clcae.align import Aligner, paste_back
+    from clcae.config import DirectionConfig
+    from clcae.data.images import tensor_to_pil
+    from clcae.editing import save_interfacegan
+    from clcae.evaluation import parse_edit
+    from clcae.inference import Inverter, directions_from_config
+
+    photo = Image.fromarray(skimage_data.astronaut())
+    faces = Aligner("faces", tuple(cfg.encoder.input_size))(photo)
+    if edit is None:  # no direction files offline: a fixed random unit direction in W, labelled as such
+        tmp = Path(tempfile.mkdtemp()) / "random.pt"
+        g = torch.Generator().manual_seed(0)
+        save_interfacegan(torch.nn.functional.normalize(torch.randn(1, cfg.generator.style_dim, generator=g)), tmp)
+        cfg.directions = {"random direction": DirectionConfig(kind="interfacegan", path=str(tmp), max_strength=5)}
+        edit = "random direction=3"
+    inv = Inverter.from_pretrained(model, cfg, device="cpu") if model else Inverter.from_config(cfg, device="cpu")
+    inv.directions = directions_from_config(cfg)
+    res = inv.invert([faces[0].image])
+    edited = tensor_to_pil(inv.edit(res, [parse_edit(edit)]))[0]
+    what = model or f"{cfg.name}, random weights"
+    write_panel(path, [("original", draw_faces(photo, faces)), ("aligned", faces[0].image),
+                       (f"reconstruction ({what})", tensor_to_pil(res.image)[0]),
+                       (f"{edit}, pasted back", paste_back(photo, edited, faces[0].quad))])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=config_file, default=default_config("tiny"))
@@ -88,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default=None)
+    p.add_argument("--panel", default=None, help="only write the picture to this PNG")
+    p.add_argument("--model", default=None, help="for --panel: any model (default: the config's, random weights)")
+    p.add_argument("--edit", default=None, metavar="NAME=STRENGTH", help="for --panel: a direction of the config")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p
 
@@ -99,6 +135,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, [*args.overrides, f"infer.batch_size={args.batch}", "infer.psnr=false"])
+    if args.panel:
+        panel(load_config(args.config, args.overrides), args.panel, args.model, args.edit)
+        print(args.panel)
+        return 0
     from clcae.batch import invert_to_table
     from clcae.train.runtime import init_ray
 
