@@ -28,7 +28,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -38,6 +38,12 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from clcae.config import CLCAEConfig, ServeConfig, from_dict, n_latent, serve_api_key
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from clcae.align import AlignedCrop, Aligner
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +216,7 @@ class AlignedPhoto:
     found, the chosen crop (the model's input) and the JSON the response carries about them.  Built in the
     ingress's pool: it encodes the crop's PNG."""
 
-    def __init__(self, photo: np.ndarray, faces: list, face: int, domain: str, ms: float = 0.0):
+    def __init__(self, photo: np.ndarray, faces: "list[AlignedCrop]", face: int, domain: str, ms: float = 0.0):
         from clcae.data.images import encode_png
 
         self.photo, self.faces, self.face, self.domain, self.ms = photo, faces, faces[face], domain, ms
@@ -225,14 +231,14 @@ class AlignedPhoto:
                 "aligned_png": base64.b64encode(self.aligned_png).decode()}
 
 
-def _faces_json(faces: list) -> list[dict[str, Any]]:
+def _faces_json(faces: "list[AlignedCrop]") -> list[dict[str, Any]]:
     return [{"index": c.index, "quad": c.quad.tolist(), "score": c.score} for c in faces]
 
 
 PHOTO_FORMATS = {"png": "image/png", "jpeg": "image/jpeg"}
 
 
-def _encode_photo(image, fmt: str) -> bytes:
+def _encode_photo(image: "Image.Image", fmt: str) -> bytes:
     """The whole photo: PNG (lossless: outside the paste mask every byte is the upload's) or JPEG (quality 95,
     4:4:4; a 12 MP photo encodes ~10x faster and several times smaller)."""
     import io
@@ -336,7 +342,7 @@ class Api:
         """Run CPU-bound work (decode, encode, parse) in the pool, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-    def _build_aligner(self):
+    def _build_aligner(self) -> "Aligner":
         import torch
 
         from clcae.align import Aligner
@@ -346,7 +352,7 @@ class Api:
         torch.set_num_threads(1)
         return Aligner(self.align_domain, self.align_size)  # type: ignore[arg-type]
 
-    def _aligner(self):
+    def _aligner(self) -> "Aligner":
         try:
             return self._aligner_future.result()
         except Exception as exc:  # noqa: BLE001 - e.g. the detector's package is missing on this node
@@ -396,7 +402,7 @@ class Api:
                            extra={"faces": _faces_json(faces)})
         return AlignedPhoto(pixels, faces, face, self.align_domain, (time.perf_counter() - start) * 1000)
 
-    def _paste(self, aligned: AlignedPhoto, image, fmt: str) -> bytes:
+    def _paste(self, aligned: AlignedPhoto, image: "torch.Tensor", fmt: str) -> bytes:
         """A model output (the crop's reconstruction or edit) pasted into the whole photo, encoded (pool)."""
         from clcae.align import paste_back
         from clcae.data.images import tensor_to_pil

@@ -222,3 +222,15 @@ def test_align_off_keeps_todays_behaviour(server, photos):
     assert r.status_code == 200 and "align" not in r.json()
     r = post(f"{server}/v1/invert?format=png&align=false", content=photos["astronaut"])
     assert r.status_code == 200 and decode(r.content).size == CROP[::-1]  # the reconstruction, not the photo
+
+
+def test_the_align_domain_follows_the_model_unless_configured():
+    from clcae.config import ConfigError
+    from clcae.serving import align_domain
+
+    tiny = ROOT / "configs" / "tiny.yaml"
+    assert align_domain(load_config(tiny)) == "faces"
+    assert align_domain(load_config(ROOT / "configs" / "cars.yaml")) == "cars"  # generator.crop is set
+    assert align_domain(load_config(tiny, ["serve.align_domain=cars"])) == "cars"
+    with pytest.raises(ConfigError, match="serve.align_domain"):
+        load_config(tiny, ["serve.align_domain=cats"])
