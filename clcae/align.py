@@ -124,8 +124,9 @@ def crop_quad(photo: Image.Image, quad: np.ndarray, size: int | Sequence[int]) -
     The steps of the FFHQ recipe: cut the quad's bounding box plus a border (10% of the quad) out of the
     photo; shrink that cut when the quad is 4x the output or more (so the transform below reads at most ~4
     source pixels per output pixel); where the quad leaves the photo, extend it by reflection and fade the
-    extension towards a blur and the median colour (a mirrored face would look like a second face); transform
-    the quad to an integer multiple of the output (at most 4x, NVlabs' ratio) and reduce with a Lanczos filter.
+    extension towards a blur and the median colour (a mirrored face would look like a second face);
+    transform the quad to an integer multiple of the output (at most 4x, NVlabs' ratio) and reduce with a
+    Lanczos filter.
     """
     out_h, out_w = _hw(size)
     q = np.asarray(quad, np.float64).reshape(4, 2) + 0.5  # PIL's continuous coordinates from here on
