@@ -209,6 +209,9 @@ class ServeConfig:
     use_gpu: bool = False
     cpus_per_replica: float = 1.0
     max_strength: float = 10.0  # cap on |strength| on top of each direction's own max_strength
+    # What `align=true` requests align to: "faces" (MTCNN + FFHQ alignment) or "cars" (the official 4:3 centre
+    # crop); None follows the model: cars when generator.crop is set (only car models crop), else faces.
+    align_domain: str | None = None
 
 
 API_KEY_ENV = "CLCAE_API_KEY"
@@ -542,6 +545,8 @@ def _check_data_train_storage(cfg: CLCAEConfig, check: Check) -> None:
           "must be >= serve.max_batch_size, or batches can never fill")
     check(1 <= v.min_replicas <= v.max_replicas, "serve.min_replicas", "must be >= 1 and <= serve.max_replicas")
     check(v.max_queued_requests >= 1, "serve.max_queued_requests", "must be >= 1: a bounded queue")
+    check(v.align_domain in (None, "faces", "cars"), "serve.align_domain",
+          "must be faces, cars or null (null: cars when generator.crop is set, else faces)")
     check(v.host in LOOPBACK_HOSTS or serve_api_key(v) is not None, "serve.host",
           f"binding beyond loopback needs an API key: serve.api_key or {API_KEY_ENV} "
           "(or put a gateway in front and keep loopback)")

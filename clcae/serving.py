@@ -28,7 +28,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -38,6 +38,12 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from clcae.config import CLCAEConfig, ServeConfig, from_dict, n_latent, serve_api_key
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from clcae.align import AlignedCrop, Aligner
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +55,11 @@ T = TypeVar("T")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
+        self.extra = extra or {}  # more JSON fields beside "error" (e.g. the faces found, so a client can choose)
 
 
 def check_api_key(expected: str | None, given: str | None) -> None:
@@ -176,6 +184,73 @@ def _png(image) -> bytes:
     return encode_png(tensor_to_pil(image[None] if image.ndim == 3 else image)[0])
 
 
+def align_domain(cfg: CLCAEConfig) -> str:
+    """What ``align=true`` aligns to: ``serve.align_domain``, else the model's domain (only car models crop their
+    generator output, ``generator.crop``)."""
+    return cfg.serve.align_domain or ("cars" if cfg.generator.crop is not None else "faces")
+
+
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def _flag(value: str | None, name: str) -> bool:
+    if value is None:
+        return False
+    v = value.strip().lower()
+    if v in TRUE or v in FALSE:
+        return v in TRUE
+    raise ApiError(400, f"{name} must be true or false, got {_short(value)}")
+
+
+def _face_index(value: str | None) -> int:
+    if value is None or value.strip() == "":
+        return 0
+    v = value.strip()
+    if not v.isdigit() or len(v) > 6:
+        raise ApiError(400, f"face must be a face index (0 = the largest), got {_short(value)}")
+    return int(v)
+
+
+class AlignedPhoto:
+    """One request's photo and the face it edits: the decoded photo (EXIF orientation applied), every face
+    found, the chosen crop (the model's input) and the JSON the response carries about them.  Built in the
+    ingress's pool: it encodes the crop's PNG."""
+
+    def __init__(self, photo: np.ndarray, faces: "list[AlignedCrop]", face: int, domain: str, ms: float = 0.0):
+        from clcae.data.images import encode_png
+
+        self.photo, self.faces, self.face, self.domain, self.ms = photo, faces, faces[face], domain, ms
+        self.pixels = np.asarray(self.face.image, np.uint8)  # already the encoder's input size
+        self.aligned_png = encode_png(self.face.image)
+
+    def describe(self) -> dict[str, Any]:
+        f = self.face
+        return {"domain": self.domain, "face": f.index, "quad": f.quad.tolist(),
+                "landmarks": None if f.landmarks is None else f.landmarks.tolist(), "score": f.score,
+                "source_size": list(f.source_size), "faces": _faces_json(self.faces), "align_ms": round(self.ms, 1),
+                "aligned_png": base64.b64encode(self.aligned_png).decode()}
+
+
+def _faces_json(faces: "list[AlignedCrop]") -> list[dict[str, Any]]:
+    return [{"index": c.index, "quad": c.quad.tolist(), "score": c.score} for c in faces]
+
+
+PHOTO_FORMATS = {"png": "image/png", "jpeg": "image/jpeg"}
+
+
+def _encode_photo(image: "Image.Image", fmt: str) -> bytes:
+    """The whole photo: PNG (lossless: outside the paste mask every byte is the upload's) or JPEG (quality 95,
+    4:4:4; a 12 MP photo encodes ~10x faster and several times smaller)."""
+    import io
+
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        image.save(buf, format="JPEG", quality=95, subsampling=0)
+    else:
+        image.save(buf, format="PNG", compress_level=1)  # fast: the photo may have 12+ MP; ~10% larger than 6
+    return buf.getvalue()
+
+
 @serve.deployment(name="InvertModel")
 class InvertModel:
     """The Inverter with dynamic batching: concurrent requests become one model call."""
@@ -226,7 +301,7 @@ app = FastAPI(title="CLCAE", version="1", description="StyleGAN2 inversion and e
 
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+    return JSONResponse({"error": exc.message, **exc.extra}, status_code=exc.status, headers=exc.headers)
 
 
 @serve.deployment(name="Api")
@@ -250,6 +325,14 @@ class Api:
         # request, /healthz included.  PIL and torch release the GIL while they work.  Few threads: each
         # decode may hold ~0.5 GB (MAX_PIXELS), and the bound keeps memory bounded too.
         self.pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="clcae-decode")
+        # Alignment (align=true) runs here, in the same pool, not in the model replicas: the photo is decoded
+        # once, here, and paste-back needs it here too (shipping decoded 12 MP photos to a replica and back costs
+        # more than detecting on them: MTCNN at <= 1024 px takes ~0.15-0.5 s of one core).  The detector is
+        # built once per process, in the pool while the replica starts: the first align request does not pay
+        # for the import and build (~3 s), and no request waits for it unless it aligns.
+        self.align_domain = align_domain(self.cfg)
+        self.align_size = tuple(self.cfg.encoder.input_size)
+        self._aligner_future = self.pool.submit(self._build_aligner)
 
     # ------------------------------------------------------------------------------------ helpers
     def _auth(self, request: Request) -> None:
@@ -258,6 +341,76 @@ class Api:
     async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
         """Run CPU-bound work (decode, encode, parse) in the pool, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def _build_aligner(self) -> "Aligner":
+        import torch
+
+        from clcae.align import Aligner
+
+        # One intra-op thread: the pool's threads align several photos at once instead.  On a shared 2-core
+        # machine MTCNN took 150-190 ms a photo with 1 thread and 2.2-2.7 s with 2 (oversubscribed cores).
+        torch.set_num_threads(1)
+        return Aligner(self.align_domain, self.align_size)  # type: ignore[arg-type]
+
+    def _aligner(self) -> "Aligner":
+        try:
+            return self._aligner_future.result()
+        except Exception as exc:  # noqa: BLE001 - e.g. the detector's package is missing on this node
+            log.exception("building the aligner failed")
+            raise ApiError(503, f"photo alignment is unavailable on this server ({type(exc).__name__}: {exc})",
+                           {"Retry-After": "60"}) from None
+
+    def _align_options(self, fields: dict[str, str], align: str | None, face: str | None,
+                       photo_format: str | None) -> tuple[bool, int, str]:
+        """(align?, face index, whole-photo format) from the form fields, else the query string."""
+        on = _flag(fields.get("align", align), "align")
+        index = _face_index(fields.get("face", face))
+        fmt = (fields.get("photo_format", photo_format) or "png").strip().lower()
+        fmt = "jpeg" if fmt == "jpg" else fmt
+        if fmt not in PHOTO_FORMATS:
+            raise ApiError(400, f"photo_format must be 'png' or 'jpeg', got {_short(fmt)}")
+        return on, index, fmt
+
+    def _align(self, data: bytes | None, name: str, face: int) -> AlignedPhoto:
+        """Decode the photo, find every face, pick one (runs in the pool, see _offload)."""
+        import time
+
+        from clcae.align import NoFaceError
+        from clcae.data.images import MIN_IMAGE_SIZE, InputError, UnreadableImageError, decode_image
+
+        if data is None:
+            raise ApiError(400, "no image: send the file as the request body or as the multipart field 'image'")
+        try:
+            photo = decode_image(data, name)  # EXIF orientation applied: quads are in these pixels
+        except InputError as exc:
+            raise ApiError(415 if isinstance(exc, UnreadableImageError) else 400, f"bad image: {exc}") from None
+        if min(photo.size) < MIN_IMAGE_SIZE:
+            raise ApiError(400, f"bad image: {name} is {photo.width}x{photo.height}: too small "
+                                f"(at least {MIN_IMAGE_SIZE} px a side)")
+        aligner = self._aligner()
+        start = time.perf_counter()
+        pixels = np.asarray(photo)  # an array has no EXIF: the aligner cannot rotate it a second time
+        try:
+            faces = aligner(pixels, name)
+        except NoFaceError as exc:
+            raise ApiError(422, str(exc)) from None
+        except InputError as exc:
+            raise ApiError(400, f"bad image: {exc}") from None
+        if face >= len(faces):
+            raise ApiError(422, f"face {face} was asked for, but {name} has {len(faces)} "
+                                f"face{'s' if len(faces) != 1 else ''} (0 = the largest)",
+                           extra={"faces": _faces_json(faces)})
+        return AlignedPhoto(pixels, faces, face, self.align_domain, (time.perf_counter() - start) * 1000)
+
+    def _paste(self, aligned: AlignedPhoto, image: "torch.Tensor", fmt: str) -> bytes:
+        """A model output (the crop's reconstruction or edit) pasted into the whole photo, encoded (pool)."""
+        from clcae.align import paste_back
+        from clcae.data.images import tensor_to_pil
+
+        crop = tensor_to_pil(image[None])[0]
+        # faces: the soft ellipse, so the background the model gets wrong stays the photo's; cars: the whole crop
+        mask = "face" if aligned.domain == "faces" else "square"
+        return _encode_photo(paste_back(aligned.photo, crop, aligned.face.quad, mask=mask), fmt)
 
     @contextlib.contextmanager
     def _admitted(self) -> Iterator[None]:
@@ -431,35 +584,62 @@ class Api:
         return {name: {**d, "max_strength": min(d.get("max_strength", cap), cap)}
                 for name, d in self.directions.describe().items()}
 
-    @app.post("/v1/invert", responses={200: {"content": {"image/png": {}}}})
-    async def invert(self, request: Request, format: str = "json") -> Response:
+    @app.post("/v1/invert", responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}})
+    async def invert(self, request: Request, format: str = "json", align: str | None = None,
+                     face: str | None = None, photo_format: str | None = None) -> Response:
         """Invert an image (raw body or multipart field 'image'): JSON with w, w+, f, residuals and a
-        reconstruction PNG (base64), or ``?format=png`` for the reconstruction alone."""
+        reconstruction PNG (base64), or ``?format=png`` for the reconstruction alone.
+
+        ``align=true`` (query or form field): the upload is any photo; its faces are found and FFHQ-aligned (or
+        the car crop is taken), face ``face`` (default 0, the largest) is inverted, and the JSON gains ``align``:
+        the quad in the photo's pixels, every face found (index, quad, score) and the aligned crop; with
+        ``format=png`` the answer is the whole photo with the reconstruction pasted back (``photo_format``
+        png or jpeg)."""
         self._auth(request)
         if format not in ("json", "png"):
             raise ApiError(400, f"format must be 'json' or 'png', got {format!r}")
         with self._admitted():
-            data, name, _ = await self._image_and_fields(request)
-            res = await self._call(self.inverter, await self._offload(self._decode, data, name))
+            data, name, fields = await self._image_and_fields(request)
+            aligning, index, photo_fmt = self._align_options(fields, align, face, photo_format)
+            aligned = await self._offload(self._align, data, name, index) if aligning else None
+            pixels = aligned.pixels if aligned else await self._offload(self._decode, data, name)
+            res = await self._call(self.inverter, pixels)
+            if format == "png" and aligned:
+                whole = await self._offload(self._paste, aligned, res["image"], photo_fmt)
+                return Response(whole, media_type=PHOTO_FORMATS[photo_fmt])
             png = await self._offload(_png, res["image"])
         if format == "png":
             return Response(png, media_type="image/png")
-        return JSONResponse({
+        body = {
             "model_id": res["model_id"], "psnr": res["psnr"], "batch_size": res["batch_size"],
             "w": res["w"].tolist(), "w_plus": res["w_plus"].tolist(),
             "latents": {"w": _to_wire(res["w"]), "w_plus": _to_wire(res["w_plus"]), "f": _to_wire(res["f"], "float16"),
                         "deltas": _to_wire(res["deltas"])},
             "reconstruction_png": base64.b64encode(png).decode(),
-        })
+        }
+        if aligned:
+            body["align"] = aligned.describe()
+        return JSONResponse(body)
 
-    @app.post("/v1/edit", responses={200: {"content": {"image/png": {}}}})
-    async def edit(self, request: Request, format: str = "png") -> Response:
+    @app.post("/v1/edit", responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}})
+    async def edit(self, request: Request, format: str = "png", align: str | None = None,
+                   face: str | None = None, photo_format: str | None = None) -> Response:
         """Edit an image (multipart: 'image' + 'edits' JSON) or latents from /v1/invert (JSON body:
-        {"latents": ..., "edits": [{"direction": "smile", "strength": 2}]}); PNG by default, or JSON."""
+        {"latents": ..., "edits": [{"direction": "smile", "strength": 2}]}); PNG by default, or JSON.
+
+        ``align=true`` (with an uploaded photo): as for /v1/invert, then the edited crop is pasted back into the
+        whole photo at its own resolution; ``format=png`` answers that photo (``photo_format`` png or jpeg), the
+        JSON holds it as ``photo_png`` / ``photo_jpeg`` beside the edited crop, the reconstruction and
+        ``align``."""
         self._auth(request)
         with self._admitted():
             data, name, fields = await self._image_and_fields(request)
+            aligning, index, photo_fmt = self._align_options(fields, align, face, photo_format)
+            aligned = None
             if "_json" in fields:
+                if aligning:
+                    raise ApiError(400, "align=true needs the photo: send a multipart form with 'image' and "
+                                        "'edits' (latents alone cannot be pasted back into a photo)")
                 edits, latents, requested = await self._offload(self._edit_request, fields["_json"])
             else:
                 edits = self._edits(fields.get("edits"))
@@ -468,16 +648,28 @@ class Api:
             if format not in ("json", "png"):
                 raise ApiError(400, f"format must be 'json' or 'png', got {_short(format)}")
             if "_json" not in fields:
-                inverted = await self._call(self.inverter, await self._offload(self._decode, data, name))
+                if aligning:
+                    aligned = await self._offload(self._align, data, name, index)
+                    pixels = aligned.pixels
+                else:
+                    pixels = await self._offload(self._decode, data, name)
+                inverted = await self._call(self.inverter, pixels)
                 latents = {k: inverted[k].numpy() for k in ("w", "w_plus", "f", "deltas")}
             out = await self._call(self.editor, latents, edits)
-            png = await self._offload(_png, out["image"])
+            whole = await self._offload(self._paste, aligned, out["image"], photo_fmt) if aligned else None
             if format == "png":
-                return Response(png, media_type="image/png")
+                if whole is not None:
+                    return Response(whole, media_type=PHOTO_FORMATS[photo_fmt])
+                return Response(await self._offload(_png, out["image"]), media_type="image/png")
+            png = await self._offload(_png, out["image"])
             recon = await self._offload(_png, out["reconstruction"])
-        return JSONResponse({"edits": [{"direction": n, "strength": s} for n, s in edits],
-                             "image_png": base64.b64encode(png).decode(),
-                             "reconstruction_png": base64.b64encode(recon).decode()})
+        body = {"edits": [{"direction": n, "strength": s} for n, s in edits],
+                "image_png": base64.b64encode(png).decode(),
+                "reconstruction_png": base64.b64encode(recon).decode()}
+        if aligned:
+            body["align"] = aligned.describe()
+            body[f"photo_{photo_fmt}"] = base64.b64encode(whole).decode()
+        return JSONResponse(body)
 
 
 # ---------------------------------------------------------------------------------------------- building

@@ -133,6 +133,7 @@ def test_upload_invert_and_edit_with_a_slider(page, app_url: str, tmp_path: Path
     assert slider.get_attribute("min") == "-5" and slider.get_attribute("max") == "5"  # from /v1/directions
     assert slider.input_value() == "0" and slider.is_disabled()  # nothing to edit before an upload
 
+    page.uncheck("#align")  # an already-aligned crop: today's path (latents in, edited crop out)
     photo = tmp_path / "gradient.png"
     photo.write_bytes(_png())
     with page.expect_response(lambda r: "/v1/invert" in r.url) as inverted:
@@ -218,4 +219,82 @@ def test_api_key_is_stored_and_sent(page) -> None:
     with page.expect_request(lambda r: r.url.endswith("/v1/directions")) as sent:
         page.click("#api-key-save")
     assert "x-api-key" not in sent.value.headers
+    assert logs.console == [] and logs.page_errors == []
+
+
+# --------------------------------------------------------------------------------- any photo (align=true)
+RESULTS = ROOT / "bench" / "results"
+CROP = (64, 64)  # configs/tiny.yaml's encoder.input_size
+
+
+def _astronaut():
+    from PIL import Image
+    from skimage import data as skimage_data
+
+    return Image.fromarray(skimage_data.astronaut())
+
+
+def _quad_shown(page: sync_api.Page) -> np.ndarray:
+    import json
+
+    return np.asarray(json.loads(page.get_attribute("#photo-fig", "data-quad")))
+
+
+def test_any_photo_is_aligned_edited_and_pasted_back(page, tmp_path: Path) -> None:
+    """The astronaut portrait: the page shows the library's quad, and a slider edits the whole photo."""
+    from PIL import Image
+
+    from clcae.align import align, photo_mask
+
+    page, logs = page
+    assert page.is_checked("#align")  # any photo is the default
+    photo = tmp_path / "astronaut.png"
+    _astronaut().save(photo)
+    page.set_input_files("#file", str(photo))
+    page.wait_for_selector("#photo-fig[data-quad]")
+    page.wait_for_selector("#input-img[src^='data:image/png']")  # the aligned crop
+    expected = align(photo.read_bytes(), "faces", CROP)
+    np.testing.assert_allclose(_quad_shown(page), expected[0].quad, atol=1e-6)
+    assert page.get_attribute("#photo-fig", "data-faces") == "1"
+    assert page.locator("#faces-svg polygon").count() == 1 and page.is_hidden("#face-choice")
+
+    page.locator("#sliders input[type=range]").first.fill("4")
+    page.wait_for_selector("#photo-edited[src^='data:image/png']")
+    whole = np.asarray(Image.open(io.BytesIO(_image_bytes(page, "#photo-edited"))).convert("RGB"))
+    original = np.asarray(_astronaut())
+    assert whole.shape == original.shape  # the photo's own resolution
+    outside = photo_mask(expected[0].quad, (512, 512), CROP) == 0
+    np.testing.assert_array_equal(whole[outside], original[outside])
+    assert (whole != original).any()
+    assert page.get_attribute("#download", "href") == page.get_attribute("#photo-edited", "src")
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(RESULTS / "editor_astronaut.png"), full_page=True)
+    assert page.text_content("#error").strip() == ""
+    assert logs.console == [] and logs.page_errors == []
+
+
+def test_several_faces_the_user_chooses_one(page, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from clcae.align import align
+
+    page, logs = page
+    canvas = Image.new("RGB", (512 + 384, 512), (128, 128, 128))
+    canvas.paste(_astronaut(), (0, 0))
+    canvas.paste(_astronaut().resize((384, 384), Image.Resampling.LANCZOS), (512, 64))
+    photo = tmp_path / "two.jpg"
+    canvas.save(photo, quality=92)
+    expected = align(photo.read_bytes(), "faces", CROP)
+    page.set_input_files("#file", str(photo))
+    page.wait_for_selector("#photo-fig[data-faces='2']")
+    assert page.is_visible("#face-choice") and page.locator("#faces-svg polygon").count() == 2
+    np.testing.assert_allclose(_quad_shown(page), expected[0].quad, atol=1e-6)
+    with page.expect_response(lambda r: "/v1/invert" in r.url) as answer:
+        page.locator("#faces-svg polygon[data-face='1']").dispatch_event("click")
+    assert answer.value.json()["align"]["face"] == 1
+    page.wait_for_selector("#photo-fig[data-face='1']")
+    np.testing.assert_allclose(_quad_shown(page), expected[1].quad, atol=1e-6)
+    assert page.input_value("#face") == "1"
+    assert page.text_content("#error").strip() == ""
     assert logs.console == [] and logs.page_errors == []
