@@ -125,7 +125,7 @@ def write_panel(path: str | Path, panels: Sequence[tuple[str, Image.Image]], hei
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--megapixels", type=float, nargs="+", default=[1, 4, 12])
     p.add_argument("--repeats", type=int, default=5)
@@ -135,7 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--panel", default=str(ROOT / "bench" / "results" / "align_astronaut.png"),
                    help="where the original | aligned picture goes ('' to skip)")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     aligner = Aligner("faces", args.size, device=args.device)
