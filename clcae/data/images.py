@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from clcae.errors import CLCAEError
+
 # Decompression-bomb guard: far above any real photo, far below what would exhaust memory.
 MAX_PIXELS = 64_000_000
 # The smallest accepted side, in pixels, for every front door (make_shards, the batch job, evaluate, Serve), so an
@@ -22,7 +24,7 @@ MAX_PIXELS = 64_000_000
 MIN_IMAGE_SIZE = 16
 
 
-class InputError(ValueError):
+class InputError(CLCAEError, ValueError):
     """An input image or latent that cannot be used, with the reason."""
 
 
