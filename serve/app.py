@@ -41,15 +41,19 @@ def build_app(args: dict[str, str]):
     return build(load_config(cfg_path, overrides), page())
 
 
-@job  # a user's mistake (config key, missing model file: CLCAEError) is "error: ..." and exit 2
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     parser.add_argument("--model", "--checkpoint", dest="model", default=None,
                         help="registry name, the authors' file, our checkpoint or run directory, or an export")
     add_verbose(parser)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_intermixed_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
+@job  # a user's mistake (config key, missing model file: CLCAEError) is "error: ..." and exit 2
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from clcae.train.runtime import configure_output, init_ray
 
     configure_output(args.verbose)

@@ -13,7 +13,9 @@ Every knob is Ray's own, set here and nowhere else:
 
 * ``ray.init(log_to_driver=False)``: workers' and actors' stdout/stderr stay in ``<session>/logs/worker-*``
   (Ray Train's controller and workers, Ray Data's split coordinator and map actors, Serve's replicas).
-* ``ray.init(logging_level=WARNING)``: the driver's ``ray`` logger ("Started a local Ray instance", ...).
+* ``ray.init(logging_level=WARNING)``: the driver's ``ray`` logger ("Started a local Ray instance", ...);
+  ``RAY_SERVE_LOG_TO_STDERR=0`` (or the ``ray.serve`` logger at WARNING): Serve's lines; ``RAY_COLOR_PREFIX=0``
+  outside a terminal: the errors Ray pushes to the driver come without colour codes.
 * ``RAY_DATA_LOGGING_CONFIG``: Ray Data's logging config (:data:`DATA_LOGGING`), Ray's default but for the
   console handler's level (ERROR; ``<session>/logs/ray-data/ray-data.log`` still gets everything) and a handler
   that prints Ray Data's non-interactive progress block as one line per interval
@@ -93,10 +95,9 @@ def configure_output(verbose: bool = False) -> None:
     _verbose = verbose
     root = logging.getLogger()
     for handler in root.handlers[:]:  # a job's main() may run twice in one process (tests)
-        if getattr(handler, "_clcae", False):
+        if isinstance(handler, _StderrHandler):
             root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler._clcae = True  # type: ignore[attr-defined]
+    handler = _StderrHandler()
     if verbose:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.setLevel(logging.INFO)
@@ -109,11 +110,30 @@ def configure_output(verbose: bool = False) -> None:
         return
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", data_logging_config())
     os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", PROGRESS_INTERVAL_S)
+    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")  # Serve's log lines: to its files (read at import)
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the errors Ray pushes to the driver: no colour codes
     # Ray Data reads its logging config when it is imported; a job may have imported it already.
     if "ray.data" in sys.modules:
         from ray.data._internal.logging import configure_logging
 
         configure_logging()
+
+
+class _StderrHandler(logging.StreamHandler):
+    """The job's console handler: writes to whatever ``sys.stderr`` is when a line is logged (a test's capture,
+    a redirect), not to the stream of the moment it was made."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # noqa: ANN201 - logging.StreamHandler's attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
 
 
 class _PlainFormatter(logging.Formatter):
@@ -136,7 +156,7 @@ def init_ray(num_cpus: int | None = None, verbose: bool | None = None) -> str | 
     """
     global _session_dir
     verbose = _verbose if verbose is None else verbose
-    if verbose != _verbose or not any(getattr(h, "_clcae", False) for h in logging.getLogger().handlers):
+    if verbose != _verbose or not any(isinstance(h, _StderrHandler) for h in logging.getLogger().handlers):
         configure_output(verbose)
     import ray
 
@@ -146,8 +166,10 @@ def init_ray(num_cpus: int | None = None, verbose: bool | None = None) -> str | 
         return _session_dir
     quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
     if not verbose:
-        # A local cluster's token notice is not the user's business (it is in the session's logs either way).
+        # A local cluster's token notice is not the user's business.
         logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+        if "ray.serve" in sys.modules:  # imported before RAY_SERVE_LOG_TO_STDERR was set (serve/app.py)
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)
     if os.environ.get("RAY_ADDRESS"):
         context = ray.init(**quiet)  # RAY_ADDRESS names the cluster
     else:
@@ -196,12 +218,16 @@ class DataProgressHandler(logging.Handler):
     def __init__(self) -> None:
         super().__init__(level=logging.INFO)
         self._parts: list[str] = []
-        self._t0 = time.monotonic()
+        self._dataset = ""
+        self._t0 = time.monotonic()  # when this dataset's first block came: Ray logs one as execution starts
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = record.getMessage()
             if message.startswith("======= Running Dataset"):
+                dataset = message.strip("= ")
+                if dataset != self._dataset:
+                    self._dataset, self._t0 = dataset, time.monotonic()
                 self._parts = []
             elif message.startswith("====="):
                 if self._parts:
