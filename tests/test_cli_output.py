@@ -45,7 +45,7 @@ def restore_process_state():
 
     env, root = dict(os.environ), logging.getLogger()
     handlers, level, clcae_level = root.handlers[:], root.level, logging.getLogger("clcae").level
-    session, verbose = runtime._session_dir, runtime._verbose
+    session, verbose, knobs = runtime._session_dir, runtime._verbose, runtime._knobs_set
     runtime._session_dir = None  # no "Ray's logs" note from a Ray another test started
     yield
     os.environ.clear()
@@ -53,7 +53,7 @@ def restore_process_state():
     root.handlers[:] = handlers
     root.setLevel(level)
     logging.getLogger("clcae").setLevel(clcae_level)
-    runtime._session_dir, runtime._verbose = session, verbose
+    runtime._session_dir, runtime._verbose, runtime._knobs_set = session, verbose, knobs
 
 
 # (job, case) -> arguments; "{tmp}" is the test's folder. A missing input / model where the job has one.

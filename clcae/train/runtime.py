@@ -39,6 +39,7 @@ log = logging.getLogger("clcae")
 # The session folder of the Ray this process started or joined (its logs are under logs/), for the final note.
 _session_dir: str | None = None
 _verbose = False
+_knobs_set = False
 
 PROGRESS_INTERVAL_S = "10"
 
@@ -81,16 +82,12 @@ def data_logging_config() -> str:
     return str(path)
 
 
-def verbose() -> bool:
-    """Whether this process was asked for Ray's own output (``--verbose``)."""
-    return _verbose
-
-
 def configure_output(verbose: bool = False) -> None:
     """Console logging for a job: our INFO lines as plain text on stderr, other libraries' warnings; with
     ``verbose``, everything at INFO with timestamps and logger names, and Ray's own console output untouched.
 
-    Sets Ray's environment knobs too, so call it before Ray starts (``init_ray`` calls it if a job did not)."""
+    Sets Ray's environment knobs too, so call it before Ray starts; ``init_ray`` sets those knobs itself (but
+    leaves the logging of a process that did not call this, e.g. a bench script, as it is)."""
     global _verbose
     _verbose = verbose
     root = logging.getLogger()
@@ -106,8 +103,16 @@ def configure_output(verbose: bool = False) -> None:
         root.setLevel(logging.WARNING)  # third-party INFO (httpx requests, fsspec) is not for the user
         logging.getLogger("clcae").setLevel(logging.INFO)
     root.addHandler(handler)
-    if verbose:
+    if not verbose:
+        _quiet_ray_knobs()
+
+
+def _quiet_ray_knobs() -> None:
+    """Ray's own settings for a quiet console (environment variables Ray reads when it starts or is imported)."""
+    global _knobs_set
+    if _knobs_set:
         return
+    _knobs_set = True
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", data_logging_config())
     os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", PROGRESS_INTERVAL_S)
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")  # Serve's log lines: to its files (read at import)
@@ -156,8 +161,8 @@ def init_ray(num_cpus: int | None = None, verbose: bool | None = None) -> str | 
     """
     global _session_dir
     verbose = _verbose if verbose is None else verbose
-    if verbose != _verbose or not any(isinstance(h, _StderrHandler) for h in logging.getLogger().handlers):
-        configure_output(verbose)
+    if not verbose:
+        _quiet_ray_knobs()
     import ray
 
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")  # not 32 footer-reader processes
