@@ -14,7 +14,7 @@ Every knob is Ray's own, set here and nowhere else:
 * ``ray.init(log_to_driver=False)``: workers' and actors' stdout/stderr stay in ``<session>/logs/worker-*``
   (Ray Train's controller and workers, Ray Data's split coordinator and map actors, Serve's replicas).
 * ``ray.init(logging_level=WARNING)``: the driver's ``ray`` logger ("Started a local Ray instance", ...);
-  ``RAY_SERVE_LOG_TO_STDERR=0`` (or the ``ray.serve`` logger at WARNING): Serve's lines; ``RAY_COLOR_PREFIX=0``
+  ``RAY_SERVE_LOG_TO_STDERR=0`` and the ``ray.serve`` logger at WARNING: Serve's lines; ``RAY_COLOR_PREFIX=0``
   outside a terminal: the errors Ray pushes to the driver come without colour codes.
 * ``RAY_DATA_LOGGING_CONFIG``: Ray Data's logging config (:data:`DATA_LOGGING`), Ray's default but for the
   console handler's level (ERROR; ``<session>/logs/ray-data/ray-data.log`` still gets everything) and a handler
@@ -173,8 +173,11 @@ def init_ray(num_cpus: int | None = None, verbose: bool | None = None) -> str | 
     if not verbose:
         # A local cluster's token notice is not the user's business.
         logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
-        if "ray.serve" in sys.modules:  # imported before RAY_SERVE_LOG_TO_STDERR was set (serve/app.py)
-            logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        # Serve's driver-side logger streams at INFO whatever RAY_SERVE_LOG_TO_STDERR says, and is reset to INFO
+        # when ray.serve is imported: import it now (half a second), then set its level.
+        import ray.serve  # noqa: F401
+
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     if os.environ.get("RAY_ADDRESS"):
         context = ray.init(**quiet)  # RAY_ADDRESS names the cluster
     else:
