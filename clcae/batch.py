@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from clcae.config import CLCAEConfig, StorageConfig, from_dict, n_latent, to_dict
 from clcae.data import storage as st
 from clcae.data.images import IMAGE_SUFFIXES, MIN_IMAGE_SIZE
+from clcae.errors import CLCAEError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def latent_schema(style_dim: int, n_latent: int, feature_size: int | None = None
 
 
 # --------------------------------------------------------------------------------------------- inputs
-class BatchInputError(ValueError):
+class BatchInputError(CLCAEError, ValueError):
     """Inputs the job refuses before anything starts (overlapping inputs, a folder of both images and Parquet
     files, an input inside the output, a key twice); the message names what was found and how to fix it."""
 

@@ -14,21 +14,83 @@
   with ``nargs="+"`` (``--actors 1 2``, ``--input a b``) otherwise swallows the override that follows it and
   fails (``invalid int value``) or, worse, takes it for an input.  An option's own value stays its own, even when
   it looks like ``NAME=VALUE`` (``--edit smile=2.0``, ``--set loss.l2=1``: options whose metavar has a ``=``).
+* :func:`add_verbose` adds ``-v/--verbose`` (Ray's own output on the console, see ``clcae.train.runtime``).
+* :func:`run_job` (or the decorator :func:`job` on ``main``) ends every entry point the same way: a user's
+  mistake (:class:`clcae.errors.CLCAEError`) is one line ``error: <message>`` on stderr and exit 2, Ctrl-C is
+  exit 130 with a one-line note, anything else is a bug and keeps its traceback (exit 1); the job's last line
+  says where Ray's logs are, when it started Ray.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import re
-from collections.abc import Sequence
+import sys
+import traceback
+from collections.abc import Callable, Sequence
 
 from clcae.config import REPO_ROOT, find_config
+from clcae.errors import CLCAEError
 
 CONFIG_DIR = REPO_ROOT / "configs"
 
 # A config override: a dotted key (loss.lpips, directions.smile.path), '=', anything.  A URI or a path with '='
 # in it (s3://b/year=2020, data/year=2020) does not match: its key part has ':' or '/'.
 OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
+
+
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    """``-v/--verbose``: Ray's own output (workers, Ray Data, Ray Train) on the console, not only in its logs."""
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print Ray's own output too (by default it goes to the Ray session's log files)")
+
+
+def run_job(main: Callable[[], int | None]) -> int:
+    """Run a job's ``main()`` and turn how it ended into an exit status (``sys.exit(run_job(main))``).
+
+    * ``CLCAEError`` (a config key, a missing file or model, a bad input, unreachable storage): ``error: <message>``
+      on stderr, no traceback, exit ``exc.exit_code`` (2: the job could not start).
+    * ``KeyboardInterrupt``: a one-line note, exit 130 (128 + SIGINT, as shells report it).
+    * anything else is a bug: its traceback, exit 1.
+
+    Whatever happened, once Ray was started the last line says where its logs are.
+    """
+    from clcae.train.runtime import ray_logs_note
+
+    try:
+        code = main()
+    except CLCAEError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C); outputs written so far are kept, and re-running the same command resumes",
+              file=sys.stderr)
+        code = 130
+    except Exception:  # noqa: BLE001 - a bug: the traceback is what whoever fixes it needs
+        traceback.print_exc()
+        code = 1
+    note = ray_logs_note()
+    if note:
+        print(note, file=sys.stderr)
+    return 0 if code is None else int(code)
+
+
+def job(main: Callable[..., int | None]) -> Callable[..., int]:
+    """Decorator of a job's ``main(argv=None)``: the same function, ending as :func:`run_job` says (so tests that
+    call ``main([...])`` get the exit status and the ``error:`` line, as a user does)."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        return run_job(lambda: main(*args, **kwargs))
+
+    return wrapper
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (some messages list what is wrong one item per line)."""
+    text = str(exc) or type(exc).__name__
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def default_config(name: str = "tiny") -> str:

@@ -26,6 +26,8 @@ import yaml
 from omegaconf import DictConfig, Node, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
+from clcae.errors import CLCAEError
+
 # Pyramid width (depth of the last backbone stage) of every encoder backbone; the FPN maps T1..T3 to this
 # width and map2style reads it, so it must equal the style dimension. Mirrors clcae.models.irse.BACKBONES
 # (kept here so that parsing a config does not import torch; tests check the two agree).
@@ -260,7 +262,7 @@ class CLCAEConfig:
         return self.model.use_align and self.loss.align > 0
 
 
-class ConfigError(ValueError):
+class ConfigError(CLCAEError, ValueError):
     """A config that cannot be loaded or is invalid; ``keys`` lists the dotted keys at fault."""
 
     def __init__(self, message: str, keys: Sequence[str] = ()):

@@ -48,6 +48,7 @@ import torch
 from clcae.config import CLCAEConfig, StorageConfig
 from clcae.data import storage as st
 from clcae.editing import GANSpacePCA
+from clcae.errors import CLCAEError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ DEFAULT_COMPONENTS = 80
 LABEL_KINDS = ("auto", "binary", "continuous")
 
 
-class DirectionFitError(ValueError):
+class DirectionFitError(CLCAEError, ValueError):
     """Inputs from which no direction can be fitted; the message names what is wrong and how to fix it."""
 
 

@@ -46,6 +46,8 @@ from typing import Any, ClassVar, Literal
 import fsspec
 import torch
 
+from clcae.errors import CLCAEError
+
 logger = logging.getLogger(__name__)
 
 Strength = float | torch.Tensor
@@ -54,11 +56,15 @@ GANSpaceMode = Literal["offset", "target"]
 _MODES = ("offset", "target")
 
 
-class DirectionFileError(ValueError):
+class DirectionFileError(CLCAEError, ValueError):
     """A direction or PCA file cannot be read or does not have the expected format."""
 
 
-class EditError(ValueError):
+class MissingDirectionFileError(DirectionFileError, FileNotFoundError):
+    """A direction file the config names is not there (still a ``FileNotFoundError`` for callers that catch it)."""
+
+
+class EditError(CLCAEError, ValueError):
     """An edit request is invalid: unknown direction, strength out of range, wrong latent shape."""
 
 
@@ -71,7 +77,7 @@ def _load(path: str) -> Any:
         with fsspec.open(path, "rb") as f:
             return torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"direction file not found: {path}") from e
+        raise MissingDirectionFileError(f"direction file not found: {path}") from e
     except OSError:
         raise  # storage trouble (permissions, network) is not a format problem
     except Exception as e:  # unpickling / zip errors have many types; all mean "not a torch file we accept"

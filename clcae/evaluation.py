@@ -39,6 +39,7 @@ from PIL import Image
 from clcae.config import StorageConfig
 from clcae.data import storage as st
 from clcae.data.images import IMAGE_SUFFIXES, InputError, check_min_size, decode_input_image
+from clcae.errors import CLCAEError
 from clcae.inference import Inverter
 from clcae.losses import IDLoss
 from clcae.metrics import LPIPS_SIZE, MetricSuite, check_pair
@@ -58,7 +59,7 @@ WARMUP_CALLS = 2
 ImageLike = bytes | Image.Image | np.ndarray
 
 
-class EvaluationError(ValueError):
+class EvaluationError(CLCAEError, ValueError):
     """An evaluation that cannot run: no images, an unknown edit, a bad setting."""
 
 

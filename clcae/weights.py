@@ -39,12 +39,14 @@ import fsspec
 import torch
 from torch import nn
 
+from clcae.errors import CLCAEError
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "clcae-platform/1"
 
 
-class WeightsError(ValueError):
+class WeightsError(CLCAEError, ValueError):
     """A weights file is unreadable or does not match the module it is loaded into."""
 
 

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clcae.cli_args import default_config, parse_with_overrides  # noqa: E402
+from clcae.cli_args import add_verbose, default_config, job, parse_with_overrides  # noqa: E402
 from clcae.config import DirectionConfig, load_config  # noqa: E402
 from clcae.data.images import encode_png, image_grid, tensor_to_pil  # noqa: E402
 from clcae.data.synthesis import seed_z  # noqa: E402
@@ -36,7 +36,7 @@ from clcae.factory import build_generator  # noqa: E402
 from clcae.models.clcae import crop_and_pool  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-log = logging.getLogger("demo")
+log = logging.getLogger("clcae.demo")  # under "clcae": printed at the default verbosity
 
 
 @torch.no_grad()
@@ -192,18 +192,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stage2-steps", type=int, default=60)
     parser.add_argument("--fresh", action="store_true", help="delete the output folder first")
     parser.add_argument("--serve", action="store_true", help="keep the web editor up at the end (port 8000)")
+    add_verbose(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (anywhere on the line)")
     return parse_with_overrides(parser, argv)
 
 
+@job  # a user's mistake (a bad override: CLCAEError) is "error: ..." and exit 2
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from clcae.train.runtime import configure_output
+
     args = parse_args(argv)
-    summary = run(Path(args.out).resolve(), args.overrides, args.stage1_steps, args.stage2_steps, fresh=args.fresh,
-                  keep_up=args.serve)
-    print(json.dumps(summary, indent=2))
+    configure_output(args.verbose)
+    out = Path(args.out).resolve()
+    summary = run(out, args.overrides, args.stage1_steps, args.stage2_steps, fresh=args.fresh, keep_up=args.serve)
+    # the whole summary as JSON in a file; on the console what a user reads
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    s1, s2, t = summary["stage1"], summary["stage2"], summary["latent_table"]
+    mse = ", ".join(f"{k} {v:.4f}" for k, v in summary["held_out_mse"].items())
+    print(f"done in {summary['seconds']} s; summary: {out / 'summary.json'}")
+    print(f"stage 1: step {s1['step']}, loss {s1['loss']:.4f}, accuracy {s1['accuracy']:.3f}; "
+          f"stage 2: step {s2['step']}, total loss {s2['total']:.4f}; checkpoint {summary['checkpoint']}")
+    print(f"held-out MSE: {mse}")
     print(f"grid (input | G(w) | G(w+) | G(w+, f) | edited): {summary['grid']}")
-    t = summary["latent_table"]
+    print(f"training samples: {summary['samples']}")
     print(f"served: {summary['served_edit']['url']} (the web editor; `python jobs/demo.py --serve` keeps it up); "
           f"one HTTP edit saved to {summary['served_edit']['saved']}")
     print(f"latent table: {t['output']}/latents ({t['written']} rows; {t['errors']} in {t['output']}/errors; "

@@ -13,24 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clcae.cli_args import config_file, parse_with_overrides  # noqa: E402
-from clcae.config import ConfigError, StorageConfig, load_config  # noqa: E402
-from clcae.data.storage import StorageError  # noqa: E402
+from clcae.cli_args import add_verbose, config_file, job, parse_with_overrides  # noqa: E402
+from clcae.config import StorageConfig, load_config  # noqa: E402
 from clcae.directions import (  # noqa: E402
     DEFAULT_COMPONENTS,
-    DirectionFitError,
     fit_ganspace_to_file,
     fit_interfacegan_to_file,
     generator_for,
 )
 from clcae.inference import pick_device  # noqa: E402
-from clcae.weights import WeightsError  # noqa: E402
+from clcae.train.runtime import configure_output  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch", type=int, default=10_000, help="samples per IncrementalPCA batch (bounds memory)")
     g.add_argument("--device", default=None, help="default: the config's device")
+    add_verbose(g)
     g.add_argument("overrides", nargs="*", help="config overrides key=value")
 
     i = sub.add_parser("interfacegan", help="linear SVM on a labelled latent table")
@@ -65,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--config", type=config_file, default=None,
                    help="only its storage: section is used (S3 endpoint, credentials)")
+    add_verbose(i)
     return parser
 
 
@@ -72,22 +71,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_with_overrides(build_parser(), argv)
 
 
+@job  # a user's mistake (config, latents, labels, weights, storage: CLCAEError) is "error: ..." and exit 2
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    try:
-        if args.kind == "ganspace":
-            cfg = load_config(args.config, args.overrides)
-            generator = generator_for(cfg, args.checkpoint).to(pick_device(args.device or cfg.device))
-            summary = fit_ganspace_to_file(generator, args.out, args.samples, args.components, args.seed, args.batch)
-        else:
-            storage = load_config(args.config).storage if args.config else StorageConfig()
-            summary = fit_interfacegan_to_file(
-                args.latents, args.labels, args.label_column, args.out, storage, args.space,
-                ratio=args.ratio, val_fraction=args.val_fraction, C=args.C, seed=args.seed)
-    except (ConfigError, DirectionFitError, StorageError, WeightsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    configure_output(args.verbose)
+    if args.kind == "ganspace":
+        cfg = load_config(args.config, args.overrides)
+        generator = generator_for(cfg, args.checkpoint).to(pick_device(args.device or cfg.device))
+        summary = fit_ganspace_to_file(generator, args.out, args.samples, args.components, args.seed, args.batch)
+    else:
+        storage = load_config(args.config).storage if args.config else StorageConfig()
+        summary = fit_interfacegan_to_file(
+            args.latents, args.labels, args.label_column, args.out, storage, args.space,
+            ratio=args.ratio, val_fraction=args.val_fraction, C=args.C, seed=args.seed)
     print(json.dumps(summary, indent=2))
     return 0
 

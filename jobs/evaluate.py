@@ -15,23 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clcae.cli_args import config_file, parse_with_overrides  # noqa: E402
-from clcae.config import ConfigError, load_config  # noqa: E402
-from clcae.data.images import InputError  # noqa: E402
-from clcae.data.shards import ShardError  # noqa: E402
-from clcae.data.storage import StorageError  # noqa: E402
-from clcae.editing import DirectionFileError, EditError  # noqa: E402
+from clcae.cli_args import add_verbose, config_file, job, parse_with_overrides  # noqa: E402
+from clcae.config import load_config  # noqa: E402
+from clcae.editing import EditError  # noqa: E402
 from clcae.evaluation import EvaluationError, evaluate, parse_edit, read_images, to_markdown, write_report  # noqa: E402
 from clcae.inference import Inverter  # noqa: E402
 from clcae.metrics import SSIM_WINDOWS  # noqa: E402
 from clcae.pretrained import prepare  # noqa: E402
-from clcae.weights import WeightsError  # noqa: E402
+from clcae.train.runtime import configure_output  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ssim-window", choices=SSIM_WINDOWS, default="gaussian11")
     parser.add_argument("--device", default=None, help="default: the config's device")
     parser.add_argument("--no-timing", action="store_true", help="skip the separate timed inversion per batch")
+    add_verbose(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (anywhere on the line)")
     return parser
 
@@ -58,35 +55,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_with_overrides(build_parser(), argv)
 
 
+@job  # a user's mistake (config, model, inputs, directions, storage: CLCAEError) is "error: ..." and exit 2
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    try:
-        if args.config is None and args.model is None:
-            raise EvaluationError("give --model, --config, or both")
-        job = load_config(args.config, [] if args.model else args.overrides) if args.config else None
-        source = None
-        if args.model:
-            source, cfg = prepare(args.model, job, args.overrides)
-        else:
-            cfg = job
-        edits = [parse_edit(spec) for spec in args.edit]
-        unknown = [name for name, _ in edits if name not in cfg.directions]
-        if unknown:  # before building the model
-            raise EditError(f"unknown direction {unknown[0]!r}; known directions: {sorted(cfg.directions)} "
-                            "(add it under directions: in the config)")
-        inverter = (Inverter.load(source, cfg, device=args.device) if source is not None
-                    else Inverter.from_config(cfg, device=args.device))
-        result = evaluate(
-            inverter, read_images(args.input, cfg.storage), edits,
-            id_network=cfg.loss.id_network, id_weights=cfg.loss.id_weights, id_backbone=cfg.loss.id_backbone,
-            lpips_pretrained_backbone=cfg.loss.lpips_pretrained, ssim_window=args.ssim_window,
-            batch_size=args.batch_size, limit=args.limit, timing=not args.no_timing, source=args.input)
-        paths = write_report(result, args.out, cfg.storage)
-    except (ConfigError, EvaluationError, EditError, DirectionFileError, WeightsError, StorageError, ShardError,
-            InputError, FileNotFoundError) as exc:  # FileNotFoundError: a direction file the config names
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    configure_output(args.verbose)
+    if args.config is None and args.model is None:
+        raise EvaluationError("give --model, --config, or both")
+    job_cfg = load_config(args.config, [] if args.model else args.overrides) if args.config else None
+    source = None
+    if args.model:
+        source, cfg = prepare(args.model, job_cfg, args.overrides)
+    else:
+        cfg = job_cfg
+    edits = [parse_edit(spec) for spec in args.edit]
+    unknown = [name for name, _ in edits if name not in cfg.directions]
+    if unknown:  # before building the model
+        raise EditError(f"unknown direction {unknown[0]!r}; known directions: {sorted(cfg.directions)} "
+                        "(add it under directions: in the config)")
+    inverter = (Inverter.load(source, cfg, device=args.device) if source is not None
+                else Inverter.from_config(cfg, device=args.device))
+    result = evaluate(
+        inverter, read_images(args.input, cfg.storage), edits,
+        id_network=cfg.loss.id_network, id_weights=cfg.loss.id_weights, id_backbone=cfg.loss.id_backbone,
+        lpips_pretrained_backbone=cfg.loss.lpips_pretrained, ssim_window=args.ssim_window,
+        batch_size=args.batch_size, limit=args.limit, timing=not args.no_timing, source=args.input)
+    paths = write_report(result, args.out, cfg.storage)
     print(to_markdown(result))
     print(json.dumps({"written": paths, "images": result["images"],
                       "undecodable": result["undecodable"]["count"]}, indent=2))

@@ -21,23 +21,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clcae.batch import BatchInputError, invert_to_table  # noqa: E402
-from clcae.cli_args import config_file, default_config, parse_with_overrides  # noqa: E402
-from clcae.config import ConfigError, load_config  # noqa: E402
-from clcae.data.shards import ShardError  # noqa: E402
-from clcae.data.storage import StorageError, absolute, absolute_paths  # noqa: E402
-from clcae.editing import DirectionFileError, EditError  # noqa: E402
-from clcae.evaluation import EvaluationError, parse_edit  # noqa: E402
+from clcae.batch import invert_to_table  # noqa: E402
+from clcae.cli_args import add_verbose, config_file, default_config, job, parse_with_overrides  # noqa: E402
+from clcae.config import load_config  # noqa: E402
+from clcae.data.storage import absolute, absolute_paths  # noqa: E402
+from clcae.errors import CLCAEError  # noqa: E402
+from clcae.evaluation import parse_edit  # noqa: E402
 from clcae.inference import directions_from_config  # noqa: E402
 from clcae.pretrained import prepare  # noqa: E402
-from clcae.train.runtime import init_ray  # noqa: E402
-from clcae.weights import WeightsError  # noqa: E402
+from clcae.train.runtime import configure_output, init_ray  # noqa: E402
 
 
 def exit_status(summary: dict) -> tuple[int, str | None]:
@@ -72,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--edit", action="append", default=[], metavar="NAME=STRENGTH",
                         help="also write each image edited to OUT/edited/ (the whole photo when aligned); repeat "
                              "to combine directions from the config's directions")
+    add_verbose(parser)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (anywhere on the line)")
     return parser
 
@@ -80,35 +78,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_with_overrides(build_parser(), argv)
 
 
+@job  # a user's mistake (CLCAEError): "error: ..." and exit 2, before or while planning (nothing ran)
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    configure_output(args.verbose)
     # Inverting runs in Ray workers, which may run in another folder: every path typed on this line (and every file
     # the config names) is made absolute here, relative to where the command runs.
     inputs, output = [absolute(u) for u in args.input], absolute(args.output)
     source = None
-    try:
-        cfg = load_config(args.config, [] if args.model else args.overrides)
-        if args.model:
-            source, cfg = prepare(args.model, cfg, args.overrides)
-        absolute_paths(cfg)
-        if args.align:
-            cfg.infer.align = args.align
-        cfg.infer.largest_face_only = cfg.infer.largest_face_only or args.largest_face
-        edits = [parse_edit(spec) for spec in args.edit]
-        if edits:
-            # the actors load the directions with the model: a wrong name or path fails here, at once
-            directions_from_config(cfg)._validated(edits)
-    except (ConfigError, WeightsError, DirectionFileError, EditError, EvaluationError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, [] if args.model else args.overrides)
+    if args.model:
+        source, cfg = prepare(args.model, cfg, args.overrides)
+    absolute_paths(cfg)
+    if args.align:
+        cfg.infer.align = args.align
+    cfg.infer.largest_face_only = cfg.infer.largest_face_only or args.largest_face
+    edits = [parse_edit(spec) for spec in args.edit]
+    if edits:
+        # the actors load the directions with the model: a wrong name or path fails here, at once
+        directions_from_config(cfg)._validated(edits)
     init_ray()
     try:
         summary = invert_to_table(cfg, inputs, output, source, edits=edits)
-    except (BatchInputError, ShardError, StorageError) as exc:  # refused while planning: nothing ran
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # noqa: BLE001 - a failure that outlived its retries: say so, exit non-zero
+    except Exception as exc:  # noqa: BLE001 - a failure that outlived its retries: say so, exit 1
+        from ray.exceptions import RayError
+
+        if isinstance(exc, CLCAEError) and not isinstance(exc, RayError):
+            raise  # refused while planning (inputs, output, shards, storage): nothing ran; exit 2
         print(json.dumps({"output": output, "failed": f"{type(exc).__name__}: {exc}"[:2000]}, indent=2))
         print(f"error: the job failed after retrying ({type(exc).__name__}); rows already written are kept, and "
               "re-running the same command resumes from them", file=sys.stderr)

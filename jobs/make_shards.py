@@ -25,9 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clcae.config import ConfigError, load_config  # noqa: E402
-from clcae.data.shards import ShardError, make_shards  # noqa: E402
+from clcae.cli_args import add_verbose, job  # noqa: E402
+from clcae.config import load_config  # noqa: E402
+from clcae.data.shards import make_shards  # noqa: E402
 from clcae.data.storage import StorageError  # noqa: E402
+from clcae.train.runtime import configure_output  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--largest-only", action="store_true", help="with --align faces: only the largest face")
     p.add_argument("--device", default="cpu", help="with --align faces: where the detector runs (cpu, cuda)")
     p.add_argument("--config", default=None, help="YAML config whose storage.* section is used")
+    add_verbose(p)
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. storage.endpoint_url=...")
     return p.parse_intermixed_args(argv)  # overrides may come before or after the options
 
@@ -61,24 +64,23 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
+@job  # a user's mistake (config, source, destination: CLCAEError) is "error: ..." and exit 2
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    configure_output(args.verbose)
+    cfg = load_config(args.config, args.overrides)
     try:
-        cfg = load_config(args.config, args.overrides)
         with _one_torch_thread(args.align == "faces" and args.device == "cpu"):
             summary = make_shards(args.src, args.dst, cfg.storage, rows_per_shard=args.rows_per_shard,
                                   min_size=args.min_size, overwrite=args.overwrite, workers=args.workers,
                                   progress_every=args.progress_every, align=args.align,
                                   align_size=args.align_size, largest_only=args.largest_only, device=args.device)
-    except ConfigError as exc:
-        print(f"make_shards: {exc}", file=sys.stderr)
-        return 2
-    except (ShardError, StorageError) as exc:
-        print(f"make_shards: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, StorageError) else 2
+    except StorageError as exc:  # the storage failed while writing: nothing usable was written (exit 1, as documented)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(summary))
     if summary["written"] == 0:
-        print(f"make_shards: no usable image in {args.src}; see {summary['errors_file']}", file=sys.stderr)
+        print(f"error: no usable image in {args.src}; see {summary['errors_file']}", file=sys.stderr)
         return 1
     return 0
 

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clcae.cli_args import config_file, default_config, parse_with_overrides  # noqa: E402
-from clcae.config import ConfigError, load_config  # noqa: E402
+from clcae.cli_args import add_verbose, config_file, default_config, job, parse_with_overrides  # noqa: E402
+from clcae.config import load_config  # noqa: E402
 from clcae.data.storage import absolute, absolute_paths  # noqa: E402
 from clcae.data.synthesis import synthesize  # noqa: E402
-from clcae.train.runtime import init_ray  # noqa: E402
+from clcae.train.runtime import configure_output, init_ray  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--start-seed", type=int, default=0)
     parser.add_argument("--rows-per-shard", type=int, default=1000)
     parser.add_argument("--actors", type=int, default=1, help="generator actors (one GPU each when available)")
+    add_verbose(parser)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (anywhere on the line)")
     return parser
 
@@ -40,15 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_with_overrides(build_parser(), argv)
 
 
+@job  # a user's mistake (config, output, storage: CLCAEError) is "error: ..." and exit 2
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    try:
-        # the generator actors may run in another folder: paths become absolute where the command runs
-        cfg = absolute_paths(load_config(args.config, args.overrides))
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    configure_output(args.verbose)
+    # the generator actors may run in another folder: paths become absolute where the command runs
+    cfg = absolute_paths(load_config(args.config, args.overrides))
     init_ray(None)
     summary = synthesize(cfg, absolute(args.out), args.num, args.start_seed, args.rows_per_shard, args.actors)
     print(json.dumps(summary, indent=2))

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clcae.config import ConfigError, load_config  # noqa: E402
-from clcae.data.storage import StorageError  # noqa: E402
-from clcae.train.loop import STAGES, TrainSetupError, fit, run_uri  # noqa: E402
-from clcae.train.runtime import init_ray  # noqa: E402
+from clcae.cli_args import add_verbose, job  # noqa: E402
+from clcae.config import load_config  # noqa: E402
+from clcae.train.loop import STAGES, fit, run_uri  # noqa: E402
+from clcae.train.runtime import configure_output, init_ray  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, str, list[str]]:
@@ -30,6 +29,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, str, list[str]]:
     parser.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: configs/tiny.yaml)")
     parser.add_argument("--run-name", required=True, help="run name; the same name resumes")
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs for a local Ray cluster")
+    add_verbose(parser)
     parser.add_argument("args", nargs="*", help="stage=contrastive|inversion and key=value overrides")
     ns = parser.parse_intermixed_args(argv)
     stage = [a.split("=", 1)[1] for a in ns.args if a.startswith("stage=")]
@@ -39,23 +39,16 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, str, list[str]]:
     return ns, stage[0], overrides
 
 
+@job  # a user's mistake (config, paths, shards, weights, storage: CLCAEError) is "error: ..." and exit 2
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ns, stage, overrides = parse(argv)
-    try:
-        cfg = load_config(ns.config, overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    configure_output(ns.verbose)
+    cfg = load_config(ns.config, overrides)
     init_ray(ns.num_cpus)
-    try:
-        result = fit(cfg, stage, ns.run_name)
-    except (TrainSetupError, ValueError, StorageError) as exc:  # ValueError: config, shards, weights files
-        print(f"cannot start training: {exc}", file=sys.stderr)
-        return 2
+    result = fit(cfg, stage, ns.run_name)  # what a retry cannot fix is raised here, before any worker starts
     summary = {"run": run_uri(cfg, ns.run_name), "stage": stage, "metrics": result.metrics,
                "checkpoint": result.checkpoint.path if result.checkpoint else None}
-    print(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(summary, default=str))
     return 0
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clcae.config import ConfigError, load_config  # noqa: E402
+from clcae.cli_args import add_verbose, job  # noqa: E402
+from clcae.config import load_config  # noqa: E402
+from clcae.errors import CLCAEError  # noqa: E402
 from clcae.serving import build, start  # noqa: E402
-from clcae.weights import WeightsError  # noqa: E402
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 
@@ -40,29 +41,31 @@ def build_app(args: dict[str, str]):
     return build(load_config(cfg_path, overrides), page())
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     parser.add_argument("--model", "--checkpoint", dest="model", default=None,
                         help="registry name, the authors' file, our checkpoint or run directory, or an export")
+    add_verbose(parser)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_intermixed_args(argv)
-    overrides = list(args.overrides) + ([f"serve.model={args.model}"] if args.model else [])
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as exc:  # a user's mistake: the message names the key; a traceback would bury it
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    from clcae.train.runtime import init_ray
+    return parser.parse_intermixed_args(argv)
 
+
+@job  # a user's mistake (config key, missing model file: CLCAEError) is "error: ..." and exit 2
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from clcae.train.runtime import configure_output, init_ray
+
+    configure_output(args.verbose)
+    overrides = list(args.overrides) + ([f"serve.model={args.model}"] if args.model else [])
+    cfg = load_config(args.config, overrides)
     init_ray()
     try:
         start(cfg, page())  # resolves the model here, in the driver, before any replica starts
-    except WeightsError as exc:  # a missing or unusable model file: the user's to fix
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:  # serve.run: "Deploying application clcae failed: ..." (details logged above)
-        print(f"serving failed to start: {exc}", file=sys.stderr)
+    except CLCAEError:
+        raise
+    except RuntimeError as exc:  # serve.run: "Deploying application clcae failed: ..." (details in Ray's logs)
+        print(f"error: serving failed to start: {exc}", file=sys.stderr)
         return 1
     print(f"serving on http://{cfg.serve.host}:{cfg.serve.port}/ (Ctrl-C to stop)")
     try:

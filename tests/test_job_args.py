@@ -209,7 +209,7 @@ def test_invert_refuses_a_missing_direction_file_before_starting(monkeypatch, tm
     assert "nowhere/x.pt" in capsys.readouterr().err
     # without --edit the job needs no direction file (e.g. configs/ffhq.yaml without the e4e files): it starts
 
-    class Started(Exception):
+    class Started(BaseException):  # not an Exception: the jobs' error handling (cli_args.job) lets it through
         pass
 
     def started(*a, **k):

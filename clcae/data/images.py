@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from clcae.errors import CLCAEError
+
 # What the platform reads as an image file when it lists a folder (the batch job, evaluate).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # Decompression-bomb guard: far above any real photo, far below what would exhaust memory.
@@ -24,7 +26,7 @@ MAX_PIXELS = 64_000_000
 MIN_IMAGE_SIZE = 16
 
 
-class InputError(ValueError):
+class InputError(CLCAEError, ValueError):
     """An input image or latent that cannot be used, with the reason."""
 
 

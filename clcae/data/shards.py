@@ -64,6 +64,7 @@ from PIL import Image
 from clcae.config import StorageConfig
 from clcae.data import storage as st
 from clcae.data.images import InputError, check_min_size, decode_image, encode_png, pil_to_tensor
+from clcae.errors import CLCAEError
 
 if TYPE_CHECKING:
     import ray.data
@@ -96,7 +97,7 @@ _ACCEPTS: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
 }
 
 
-class ShardError(ValueError):
+class ShardError(CLCAEError, ValueError):
     """Shards (or a shard source) that cannot be used; the message names the file and the problem."""
 
 

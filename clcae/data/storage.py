@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 from fsspec.core import split_protocol
 
 from clcae.config import CLCAEConfig, StorageConfig
+from clcae.errors import CLCAEError
 
 S3_PROTOCOLS = ("s3", "s3a")
 LOCAL_PROTOCOLS = (None, "file", "local")
@@ -41,7 +42,7 @@ _CREDENTIALS_HINT = ("set storage.key and storage.secret (or AWS_ACCESS_KEY_ID /
                      "or storage.anon=true for a public bucket")
 
 
-class StorageError(RuntimeError):
+class StorageError(CLCAEError, RuntimeError):
     """Storage that cannot be reached or used; the message names the URI, the cause and the fix."""
 
 

@@ -385,6 +385,7 @@ def fit(cfg: CLCAEConfig, stage: str, run_name: str, faults: Faults | None = Non
 
     from clcae.data.storage import check_access, pyarrow_filesystem
     from clcae.train.preflight import check_files, check_resume, resolve_paths
+    from clcae.train.progress import follow
 
     if stage not in STAGES:
         raise TrainSetupError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -405,17 +406,22 @@ def fit(cfg: CLCAEConfig, stage: str, run_name: str, faults: Faults | None = Non
     fs, path = pyarrow_filesystem(cfg.train.storage_path, cfg.storage)
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "stage": stage, "run_name": run_name, "run_uri": uri,
-                           "stage1": stage1, "init_from": init_from, "faults": vars(faults) if faults else {}},
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=run_name, storage_path=path, storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-        ),
-        datasets={"train": dataset},
-    )
-    return trainer.fit()
+    log.info("%s %s: %s to step %d on %d worker(s), every %d steps a line; run folder %s", stage, run_name,
+             "resuming" if resuming else "training", t.max_steps, t.num_workers, t.log_every, uri)
+    # the workers' output stays in Ray's logs: the driver prints rank 0's reports (clcae.train.progress)
+    with follow(t.max_steps, f"{run_name}: ") as progress:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": to_dict(cfg), "stage": stage, "run_name": run_name, "run_uri": uri,
+                               "stage1": stage1, "init_from": init_from, "faults": vars(faults) if faults else {}},
+            scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                                   resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name=run_name, storage_path=path, storage_filesystem=fs,
+                failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                callbacks=[progress],
+            ),
+            datasets={"train": dataset},
+        )
+        return trainer.fit()

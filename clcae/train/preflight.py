@@ -24,6 +24,7 @@ from typing import Any
 from fsspec.core import split_protocol
 
 from clcae.config import CLCAEConfig, StorageConfig
+from clcae.errors import CLCAEError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ CONTRASTIVE_KEYS = ("contrastive.layers", "contrastive.heads", "contrastive.ffn"
                     "contrastive.optimizer")
 
 
-class TrainSetupError(ValueError):
+class TrainSetupError(CLCAEError, ValueError):
     """Something is wrong before any worker starts: data, stage-1 checkpoint, storage, files, resume."""
 
 
