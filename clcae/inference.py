@@ -58,7 +58,7 @@ class Inverter:
     def __init__(self, model: CLCAE, directions: DirectionRegistry | None = None, device: str = "auto",
                  model_id: str = "unnamed", precision: str = "fp32", compile: bool = False):
         self.device = pick_device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval().channels_last()
         self.model.requires_grad_(False)
         autocast_context(precision, self.device)  # refuse an unknown mode here, not on the first request
         self.precision = precision
@@ -192,8 +192,9 @@ class Inverter:
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
-    """Float32 out of the Inverter whatever the precision mode (a no-op in fp32)."""
-    return t.float() if t is not None and t.is_floating_point() else t
+    """Float32, standard layout, out of the Inverter whatever the precision mode and layout (a no-op in fp32
+    NCHW)."""
+    return t.float().contiguous() if t is not None and t.is_floating_point() else t
 
 
 def compile_model(model: CLCAE) -> None:

@@ -110,14 +110,15 @@ class Blur(nn.Module):
         self.register_buffer("kernel", k)
         self.pad = pad
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The blur, plus a per-channel ``bias`` if given (free in the convolution's epilogue)."""
         c = x.shape[1]
         # upfirdn2d correlates with the flipped kernel; flipping keeps it exact for asymmetric kernels too.
         w = torch.flip(self.kernel, (0, 1)).to(x.dtype).expand(c, 1, *self.kernel.shape)
         p0, p1 = self.pad
         if p0 == p1:
-            return F.conv2d(x, w, padding=p0, groups=c)
-        return F.conv2d(F.pad(x, (p0, p1, p0, p1)), w, groups=c)
+            return F.conv2d(x, w, bias, padding=p0, groups=c)
+        return F.conv2d(F.pad(x, (p0, p1, p0, p1)), w, bias, groups=c)
 
 
 class Upsample(nn.Module):
@@ -151,49 +152,54 @@ class ModulatedConv2d(nn.Module):
         self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
         self.modulation = EqualLinear(style_dim, in_channel, bias_init=1.0)
 
-    def styles(self, style: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(s, scaled weight, demodulation) in float32 whatever autocast says: the style affine and the
-        demodulation norms are the numerically sensitive part (a sum of C_in * k * k squares), and they are
-        tiny next to the convolution."""
+    def styles(self, style: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(s * scale, demodulation) in float32 whatever autocast says: the style affine and the demodulation
+        norms are the numerically sensitive part (a sum of C_in * k * k squares), and tiny next to the conv.
+        The equalised-lr ``scale`` rides on the style, so the stored weight is used as it is (no scaled copy)."""
         with float32_region(style):
-            s = self.modulation(_high(style))                        # (B, C_in)
-            w = self.weight[0] * self.scale                          # (C_out, C_in, k, k)
+            s = self.modulation(_high(style)) * self.scale           # (B, C_in)
+            if not self.demodulate:
+                return s, None
+            weight = self.weight[0]
             # sum_{i,k} (w_oik * s_i)^2 = (s^2) @ (sum_k w_oik^2)^T : (B, C_out), never (B, C_out, C_in, k, k).
-            d = torch.rsqrt((s * s) @ (w * w).sum(dim=(2, 3)).t() + 1e-8) if self.demodulate else None
-        return s, w, d
+            d = torch.rsqrt((s * s) @ (weight * weight).sum(dim=(2, 3)).t() + 1e-8)
+        return s, d
 
-    def modulated(self, x: torch.Tensor, style: torch.Tensor, gain: float = 1.0
+    def modulated(self, x: torch.Tensor, style: torch.Tensor, gain: float = 1.0, bias: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(y, d)`` with ``y * d[:, :, None, None]`` = gain * this layer's output; ``d`` None = already applied.
+        """``(y, d)``.  ``d`` None: y = gain * this layer's output + bias, complete.  Otherwise the caller finishes
+        it as ``y * d[:, :, None, None] + bias`` (gain is inside d), fused with whatever follows.
 
         At batch 1 the style, the demodulation and ``gain`` are folded into the small weight (StyleGAN2's own
-        per-sample weight), so no pass over the activations is spent on them.  At batch > 1 the input is scaled
-        by the style (one shared weight, no (B, C_out, C_in, k, k) copy) and the caller applies ``d``, fused
-        with whatever follows (:class:`StyledConv` folds it into the noise/bias add).
+        per-sample weight, in one multiply of the weight) and the bias goes into the convolution, so no pass over
+        the activations is spent on any of them.  At batch > 1 the input is scaled by the style (one shared
+        weight, no (B, C_out, C_in, k, k) copy) and ``d`` is left to the caller (:class:`StyledConv` fuses it with
+        the noise and bias add).
         """
-        s, w, d = self.styles(style)
+        s, d = self.styles(style)
+        weight = self.weight[0]
         if x.shape[0] == 1:
-            w = w * s[0][None, :, None, None]
-            scale = d[0] * gain if d is not None else torch.full_like(w[:, 0, 0, 0], gain)
-            return self._conv(x, w * scale[:, None, None, None]), None
-        y = self._conv(x * s[:, :, None, None].to(x.dtype), w)
+            out_scale = d[0] * gain if d is not None else torch.full_like(s[0, :1], gain).expand(self.out_channel)
+            weight = weight * (out_scale[:, None] * s[0][None, :])[:, :, None, None]
+            return self._conv(x, weight, bias), None
+        y = self._conv(x * s[:, :, None, None].to(x.dtype), weight)
         if d is None:
-            d = torch.full((x.shape[0], self.out_channel), gain, device=x.device) if gain != 1.0 else None
-        else:
-            d = d * gain
-        return y, d
+            d = torch.full((x.shape[0], self.out_channel), gain, device=x.device)
+        return y, d * gain if self.demodulate else d
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         y, d = self.modulated(x, style)
         return y if d is None else y * d[:, :, None, None].to(y.dtype)
 
-    def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         w = w.to(x.dtype)
+        bias = bias.to(x.dtype) if bias is not None else None
         if self.upsample:
-            # Transposed conv wants (C_in, C_out, k, k); the blur then removes the checkerboard.
+            # Transposed conv wants (C_in, C_out, k, k); the blur then removes the checkerboard (and adds the bias:
+            # it is per channel, so after the linear blur is the same place as after the conv).
             x = F.conv_transpose2d(x, w.transpose(0, 1), stride=2, padding=0)
-            return self.blur(x)
-        return F.conv2d(x, w, padding=self.padding)
+            return self.blur(x, bias)
+        return F.conv2d(x, w, bias, padding=self.padding)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channel}, {self.out_channel}, {self.kernel_size}, upsample={self.upsample}, "
@@ -238,26 +244,25 @@ class StyledConv(nn.Module):
         one fused multiply-add, then the activation.  Without autograd both run in place: the high-resolution
         layers are memory-bound, and every fresh activation-sized tensor also costs page faults.
         """
-        y, d = self.conv.modulated(x, style, gain=SQRT2)
+        bias = SQRT2 * self.activate.bias
+        y, d = self.conv.modulated(x, style, gain=SQRT2, bias=bias)
         b, _, h, w = y.shape
         if noise is None:
             noise = y.new_empty(b, 1, h, w, dtype=torch.float32).normal_()
-        # (1 or B, C, H, W): the noise is (1 or B, 1, H, W), the bias per channel.
-        noise_term = (SQRT2 * self.noise.weight) * noise
-        bias_term = (SQRT2 * self.activate.bias).view(1, -1, 1, 1)
+        noise_term = (SQRT2 * self.noise.weight) * noise            # (1 or B, 1, H, W)
         inplace = not torch.is_grad_enabled()
+        if d is None:  # batch 1: modulation, demodulation, gain and bias are already in y
+            noise_term = noise_term.to(y.dtype)
+            y = y.add_(noise_term) if inplace else y + noise_term
+            return F.leaky_relu_(y, 0.2) if inplace else F.leaky_relu(y, 0.2)
+        d = d[:, :, None, None].to(y.dtype)
         if inplace:
-            # in y's layout and dtype, so the fused add below streams both operands in the same order
-            shift = torch.empty((noise.shape[0], *y.shape[1:]), dtype=y.dtype, device=y.device)
-            shift = torch.add(noise_term, bias_term, out=shift.contiguous(memory_format=_layout(y)))
-        else:
-            shift = (noise_term + bias_term).to(y.dtype)
-        if d is None:
-            y = y.add_(shift) if inplace else y + shift
-        else:
-            d = d[:, :, None, None].to(y.dtype)
-            y = torch.addcmul(shift, y, d, out=y) if inplace else torch.addcmul(shift, y, d)
-        return F.leaky_relu_(y, 0.2) if inplace else F.leaky_relu(y, 0.2)
+            # (1 or B, C, H, W) in y's layout and dtype, so the fused multiply-add streams both in the same order
+            shift = torch.empty((noise.shape[0], *y.shape[1:]), dtype=y.dtype, device=y.device,
+                                memory_format=_layout(y))
+            torch.add(noise_term, bias.view(1, -1, 1, 1), out=shift)
+            return F.leaky_relu_(torch.addcmul(shift, y, d, out=y), 0.2)
+        return F.leaky_relu(torch.addcmul((noise_term + bias.view(1, -1, 1, 1)).to(y.dtype), y, d), 0.2)
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
@@ -277,8 +282,8 @@ class ToRGB(nn.Module):
     def forward(self, x: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         # A 1x1 modulated conv is a per-sample (3, C) matrix: one batched matmul over the pixels, never a
         # scaled copy of the (wide, high-resolution) input.
-        s, w, _ = self.conv.styles(style)
-        wb = (w[None, :, :, 0, 0] * s[:, None, :]).to(x.dtype)      # (B, 3, C)
+        s, _ = self.conv.styles(style)
+        wb = (self.conv.weight[:, :, :, 0, 0] * s[:, None, :]).to(x.dtype)      # (B, 3, C)
         b, c, h, wd = x.shape
         if _layout(x) == torch.channels_last:
             # (B, HW, C) is a view of a channels-last tensor; the result is channels-last (B, 3, H, W).
