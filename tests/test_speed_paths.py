@@ -5,6 +5,7 @@ return float32; training under autocast still steps."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import shutil
 import sys
@@ -130,7 +131,9 @@ def tiny_model():
 def test_inverter_precision_returns_float32_close_to_fp32(tiny_model, precision):
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     exact = Inverter(tiny_model, device="cpu").invert(x)
-    low_inv = Inverter(tiny_model, device="cpu", precision=precision)
+    low_inv = Inverter(copy.deepcopy(tiny_model), device="cpu", precision=precision)  # it lowers its encoder
+    assert next(low_inv.model.encoder.parameters()).dtype != torch.float32
+    assert next(tiny_model.encoder.parameters()).dtype == torch.float32
     low = low_inv.invert(x)
     for a, b in ((low.w, exact.w), (low.w_plus, exact.w_plus), (low.f, exact.f), (low.image, exact.image)):
         assert a.dtype == torch.float32 and a.shape == b.shape
@@ -142,8 +145,9 @@ def test_inverter_precision_returns_float32_close_to_fp32(tiny_model, precision)
 def test_inverter_reads_precision_from_config():
     inv = Inverter.from_config(tiny_cfg("infer.precision=bf16"), device="cpu")
     assert inv.precision == "bf16" and not inv.compiled
+    assert inv.invert(torch.zeros(1, 3, 64, 64)).image.dtype == torch.float32
     with pytest.raises(ValueError, match="precision"):
-        Inverter(inv.model, device="cpu", precision="int8")
+        Inverter(build_clcae(tiny_cfg(), load_pretrained=False), device="cpu", precision="int8")
 
 
 @pytest.mark.slow
