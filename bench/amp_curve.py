@@ -42,25 +42,8 @@ def curve(precision: str, steps: int, images: torch.Tensor, batch: int) -> tuple
     return losses, time.perf_counter() - t0
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--tail", type=int, default=20)
-    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
-    p.add_argument("--out", type=Path)
-    args = p.parse_args(argv)
-    cfg = load_config(ROOT / "configs" / "tiny.yaml")
-    torch.manual_seed(1)
-    g = build_clcae(cfg, load_pretrained=False).decoder.eval()
-    with torch.no_grad():
-        w = g.mapping(torch.randn(64, cfg.generator.style_dim))
-        images = g.synthesis(g.broadcast(w)).clamp(-1, 1)
-    curves, seconds = {}, {}
-    for prec in args.precisions:
-        curves[prec], seconds[prec] = curve(prec, args.steps, images, cfg.data.batch_size)
-        print(f"[amp] {prec}: first {curves[prec][0]:.4f} last {curves[prec][-1]:.4f} ({seconds[prec]:.0f} s)",
-              file=sys.stderr, flush=True)
-    tail = slice(args.steps - args.tail, args.steps)
+def summarise(curves: dict[str, list[float]], seconds: dict[str, float], steps: int, tail_n: int) -> dict:
+    tail = slice(steps - tail_n, steps)
     ref = curves.get("fp32")
     summary = {}
     for prec, losses in curves.items():
@@ -74,14 +57,46 @@ def main(argv: list[str] | None = None) -> dict:
             s["fp32_step_to_step_noise_tail"] = round(noise, 5)
             s["tail_diff_over_noise"] = round(s["mean_abs_diff_vs_fp32_tail"] / noise, 3)
         summary[prec] = s
-    report = {"benchmark": "bench/amp_curve.py", "config": "configs/tiny.yaml", "steps": args.steps,
-              "tail": args.tail, "seed": 0, "torch": torch.__version__, "summary": summary,
-              "curves": {k: [round(v, 6) for v in c] for k, c in curves.items()}}
+    return {"benchmark": "bench/amp_curve.py", "config": "configs/tiny.yaml", "steps": steps, "tail": tail_n,
+            "seed": 0, "torch": torch.__version__, "summary": summary,
+            "curves": {k: [round(v, 6) for v in c] for k, c in curves.items()}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--tail", type=int, default=20)
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    p.add_argument("--merge", type=Path, nargs="+", help="combine the JSON of runs with one precision each "
+                   "(run in parallel processes) into --out, recomputing the summary")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if args.merge:
+        parts = [json.loads(f.read_text()) for f in args.merge]
+        curves = {k: v for r in parts for k, v in r["curves"].items()}
+        seconds = {k: v["seconds_total"] for r in parts for k, v in r["summary"].items()}
+        report = summarise(curves, seconds, parts[0]["steps"], parts[0]["tail"])
+        report["note"] = "one process per precision, run side by side; merged with --merge"
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report["summary"], indent=2))
+        return report
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    torch.manual_seed(1)
+    g = build_clcae(cfg, load_pretrained=False).decoder.eval()
+    with torch.no_grad():
+        w = g.mapping(torch.randn(64, cfg.generator.style_dim))
+        images = g.synthesis(g.broadcast(w)).clamp(-1, 1)
+    curves, seconds = {}, {}
+    for prec in args.precisions:
+        curves[prec], seconds[prec] = curve(prec, args.steps, images, cfg.data.batch_size)
+        print(f"[amp] {prec}: first {curves[prec][0]:.4f} last {curves[prec][-1]:.4f} ({seconds[prec]:.0f} s)",
+              file=sys.stderr, flush=True)
+    report = summarise(curves, seconds, args.steps, args.tail)
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(report["summary"], indent=2))
     return report
 
 

@@ -4,8 +4,8 @@
     python bench/train_step.py --cases paper256 paper1024 --batch 1 --steps 2 --variants shared three_pass \
         bf16 --out bench/results/train_step_cpu.json          # ours vs the authors' three passes, and AMP
 
-Variants (``--variants``), each its own step object on the same initial weights, timed interleaved (one step of
-each per round, the order rotating) and reported as per-round ratios to ``shared``:
+Variants (``--variants``), one step object switched between them (one model in memory), timed interleaved (one
+step of each per round, the order rotating) and reported as per-round ratios to ``shared``:
 ``shared`` (ours: one prefix pass for w and w+, one stacked suffix pass), ``three_pass`` (the authors' step:
 G(w), G(w+) and G(w+, f) as three whole generator passes), ``bf16`` / ``fp16`` (ours under
 ``train.precision``).
@@ -42,7 +42,7 @@ from clcae.config import load_config  # noqa: E402
 from clcae.factory import build_aligner, build_clcae  # noqa: E402
 from clcae.models.clcae import CLCAE, InversionOutput  # noqa: E402
 from clcae.models.stylegan2 import blend_feature  # noqa: E402
-from clcae.train.steps import InversionStep  # noqa: E402
+from clcae.train.steps import InversionStep, MixedPrecision  # noqa: E402
 
 PAPER = ["generator.checkpoint=null", "encoder.pretrained=null", "loss.id_network=none",
          "loss.lpips_pretrained=false", "model.f_ramp_steps=0"]
@@ -75,16 +75,24 @@ def three_pass_render(self: CLCAE, w: torch.Tensor, w_plus: torch.Tensor, f: tor
     return {k: self.to_input_resolution(v) for k, v in images.items()}
 
 
-def build_step(path: str, overrides: list[str], variant: str, device: torch.device) -> InversionStep:
-    precision = variant if variant in ("bf16", "fp16") else "fp32"
-    cfg = load_config(ROOT / path, [*overrides, f"train.precision={precision}"])
-    torch.manual_seed(0)  # every variant starts from the same weights
+def build_step(path: str, overrides: list[str], device: torch.device) -> InversionStep:
+    cfg = load_config(ROOT / path, overrides)
+    torch.manual_seed(0)
     model = build_clcae(cfg)
     aligner = build_aligner(cfg, model.x_avg, model.latent_avg)
-    step = InversionStep(cfg, model, aligner).to(device)
+    return InversionStep(cfg, model, aligner).to(device)
+
+
+def set_variant(step: InversionStep, variant: str) -> None:
+    """One step object serves every variant (one model in memory: a 1024 step holds 6+ GB on CPU): the render
+    method and the precision are switched between calls.  The weights and optimiser state move on from step to
+    step for all variants alike, which changes no cost."""
+    model = step.model
     if variant == "three_pass":
         model.render = types.MethodType(three_pass_render, model)
-    return step
+    else:
+        model.__dict__.pop("render", None)  # back to CLCAE.render
+    step.amp = MixedPrecision(variant if variant in ("bf16", "fp16") else "fp32")
 
 
 def sync(device: torch.device) -> None:
@@ -95,12 +103,13 @@ def sync(device: torch.device) -> None:
 def compare_variants(name: str, batch: int, rounds: int, variants: list[str], device: torch.device) -> dict:
     """One step of every variant per round, in a rotating order; ratios to ``shared`` per round."""
     path, overrides = CASES[name]
-    steps = {v: build_step(path, overrides, v, device) for v in variants}
-    cfg = next(iter(steps.values())).cfg
+    step = build_step(path, overrides, device)
+    cfg = step.cfg
     h, w = cfg.encoder.input_size
     x = (torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
     first = {}
-    for v, step in steps.items():  # warm-up; fp16 may skip its first optimiser steps (GradScaler back-off)
+    for v in variants:  # warm-up; fp16 may skip its first optimiser steps (GradScaler back-off)
+        set_variant(step, v)
         sync(device)
         t0 = time.perf_counter()
         step(x, 1000)
@@ -109,9 +118,10 @@ def compare_variants(name: str, batch: int, rounds: int, variants: list[str], de
     times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(rounds):
         for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+            set_variant(step, v)
             sync(device)
             t0 = time.perf_counter()
-            steps[v](x, 1000)
+            step(x, 1000)
             sync(device)
             times[v].append(time.perf_counter() - t0)
     out: dict[str, Any] = {"case": name, "config": path, "overrides": overrides, "batch": batch, "rounds": rounds,

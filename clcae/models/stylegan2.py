@@ -256,8 +256,8 @@ class StyledConv(nn.Module):
 
         leaky_relu(a * t) = a * leaky_relu(t) for a > 0, so the sqrt(2) gain moves into d and into the
         per-pixel term ``sqrt(2) * (noise_weight * noise + bias)`` (one image's worth, shared by the batch):
-        one fused multiply-add, then the activation.  Without autograd both run in place: the high-resolution
-        layers are memory-bound, and every fresh activation-sized tensor also costs page faults.
+        one fused multiply-add, then the activation.  Where autograd records nothing both run in place: the
+        high-resolution layers are memory-bound, and every fresh activation-sized tensor also costs page faults.
         """
         bias = SQRT2 * self.activate.bias
         y, d = self.conv.modulated(x, style, gain=SQRT2, bias=bias)
@@ -265,7 +265,9 @@ class StyledConv(nn.Module):
         if noise is None:
             noise = y.new_empty(b, 1, h, w, dtype=torch.float32).normal_()
         noise_term = (SQRT2 * self.noise.weight) * noise            # (1 or B, 1, H, W)
-        inplace = not torch.is_grad_enabled()
+        # In place exactly when autograd records nothing here (no_grad, inference_mode, or inputs that need no
+        # gradient), so a render outside no_grad of frozen latents takes the same kernels as one inside.
+        inplace = not y.requires_grad
         if d is None:  # batch 1: modulation, demodulation, gain and bias are already in y
             noise_term = noise_term.to(y.dtype)
             y = y.add_(noise_term) if inplace else y + noise_term
@@ -277,7 +279,9 @@ class StyledConv(nn.Module):
                                 memory_format=_layout(y))
             torch.add(noise_term, bias.view(1, -1, 1, 1), out=shift)
             return F.leaky_relu_(torch.addcmul(shift, y, d, out=y), 0.2)
-        return F.leaky_relu(torch.addcmul((noise_term + bias.view(1, -1, 1, 1)).to(y.dtype), y, d), 0.2)
+        # the same layouts as the in-place branch: the vectorised kernels then round the same way
+        shift = (noise_term + bias.view(1, -1, 1, 1)).to(y.dtype).contiguous(memory_format=_layout(y))
+        return F.leaky_relu(torch.addcmul(shift, y, d), 0.2)
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
