@@ -39,6 +39,9 @@ LPIPS_NETS = ("alex", "vgg", "squeeze")
 CONTRASTIVE_OPTIMIZERS = ("adam", "ranger")
 DIRECTION_KINDS = ("interfacegan", "ganspace")
 MODEL_VARIANTS = ("clcae", "psp", "e4e")
+# Numeric precision of inference (infer.precision) and training (train.precision): fp32 = exact (the default);
+# bf16/fp16 = torch.autocast with the sensitive parts in float32 (clcae.precision says which).
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -169,6 +172,8 @@ class TrainConfig:
     # Stage 2 only: start the encoder from a trained model (a registry name like clcae-ffhq, the authors' file,
     # our checkpoint or run directory, or an exported model) to fine-tune it, e.g. on a new domain.
     init_from: str | None = None
+    # Autocast for both stages' steps (clcae.train.steps): fp32 | bf16 | fp16 (fp16 adds a GradScaler).
+    precision: str = "fp32"
 
 
 @dataclass
@@ -187,6 +192,11 @@ class InferConfig:
     align: str | None = None
     largest_face_only: bool = False  # with align=faces: one row per photo, its largest face
     max_retries: int = 3  # retries of a task hit by a transient failure (out of memory, storage timeout)
+    # The Inverter's arithmetic, hence Serve's and the batch job's: fp32 (exact) | bf16 | fp16 (torch.autocast;
+    # bench/results/precision_cpu.md has the speed and PSNR of each).
+    precision: str = "fp32"
+    # torch.compile the Inverter's model (opt-in: the first calls of each batch shape pay the compilation).
+    compile: bool = False
 
 
 @dataclass
@@ -538,6 +548,8 @@ def _check_data_train_storage(cfg: CLCAEConfig, check: Check) -> None:
     check(i.cpus_per_actor > 0, "infer.cpus_per_actor", "must be > 0")
     check(i.align in (None, "faces", "cars"), "infer.align", "must be faces, cars or null (inputs already aligned)")
     check(i.max_retries >= 0, "infer.max_retries", "must be >= 0")
+    check(i.precision in PRECISIONS, "infer.precision", f"must be one of {', '.join(PRECISIONS)}")
+    check(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}")
     v = cfg.serve
     check(1 <= v.port <= 65535, "serve.port", "must be a TCP port (1..65535)")
     check(v.max_body_mb > 0, "serve.max_body_mb", "must be > 0")

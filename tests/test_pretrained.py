@@ -104,7 +104,9 @@ def test_authors_file_gives_the_authors_outputs(authors, src, photo_bytes):
     x = inv.preprocess(photo_bytes)
     x_avg = src.average_image()  # the authors' image_avg.png: G(latent_avg) at the input size
     with torch.no_grad():
-        torch.testing.assert_close(res.image, authors_forward(src, x, x_avg), rtol=0, atol=1e-5)
+        # 1e-4: issue 14's bound for the fast paths (the Inverter runs the encoder channels-last, the generator
+        # folds style and demodulation into the weight at batch 1); measured 1.7e-5 here
+        torch.testing.assert_close(res.image, authors_forward(src, x, x_avg), rtol=0, atol=1e-4)
         # without centring the outputs are different: the test fails if centring is removed
         assert (res.image - authors_forward(src, x, torch.zeros_like(x_avg))).abs().max() > 1e-2
         # and the encoder sees exactly x - x_avg

