@@ -62,7 +62,7 @@ def summarise(curves: dict[str, list[float]], seconds: dict[str, float], steps: 
             "curves": {k: [round(v, 6) for v in c] for k, c in curves.items()}}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--tail", type=int, default=20)
@@ -70,7 +70,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--merge", type=Path, nargs="+", help="combine the JSON of runs with one precision each "
                    "(run in parallel processes) into --out, recomputing the summary")
     p.add_argument("--out", type=Path)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     if args.merge:
         parts = [json.loads(f.read_text()) for f in args.merge]
         curves = {k: v for r in parts for k, v in r["curves"].items()}

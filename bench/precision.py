@@ -91,7 +91,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
     p.add_argument("--batches", type=int, nargs="+", default=[1])
@@ -100,7 +100,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1: CPU-time clock)")
     p.add_argument("--out", type=Path)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     if "fp32" not in args.precisions:
         args.precisions.insert(0, "fp32")
     threads = args.threads or (1 if args.device == "cpu" else torch.get_num_threads())

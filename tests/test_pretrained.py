@@ -124,7 +124,7 @@ def test_average_image_file_is_used_and_checked(authors, src, photo_bytes, tmp_p
     assert not torch.allclose(other.invert(photo_bytes).image, base.invert(photo_bytes).image)
     with torch.no_grad():
         torch.testing.assert_close(other.invert(photo_bytes).image, authors_forward(src, x, expected), rtol=0,
-                                   atol=1e-5)
+                                   atol=1e-4)  # the generator path holds 1e-4 (issue 14)
     with pytest.raises(MissingWeightsError, match="model.average_image = .*nope.png: file not found"):
         Inverter.from_pretrained(str(authors), overrides=[f"model.average_image={tmp_path / 'nope.png'}"])
 
@@ -240,7 +240,7 @@ def test_w_edit_reaches_block_zero_like_the_authors(src, tmp_path, photo_bytes):
         g5_edit, skip = g.synthesis_prefix(w_plus_edit)
         g5 = g.synthesis_prefix(res.w_plus)[0]
         expected = src.to_input_resolution(g.synthesis_suffix(f_edit + g5_edit - g5, skip, w_plus_edit))
-        torch.testing.assert_close(edited, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(edited, expected, rtol=0, atol=1e-4)
         # the old path (block 0 fed the unedited w) differs in layer 0
         stale = enc.cross_attention[0](w_edit[:, None], res.deltas[:, :1])[:, 0]
         assert (stale - refine[:, 0]).abs().max() > 1e-3
