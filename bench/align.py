@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import statistics
@@ -37,6 +36,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import emit  # noqa: E402
 from clcae.align import AlignedCrop, Aligner, load_photo  # noqa: E402
 
 
@@ -158,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         faces = aligner(photo)
         result["panel"] = str(write_panel(args.panel, [("original (quad, landmarks)", draw_faces(photo, faces)),
                                                        ("aligned crop", faces[0].image)]))
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out, indent=1)
     return 0
 
 

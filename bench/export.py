@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import emit  # noqa: E402
 from clcae.cli_args import config_file, default_config  # noqa: E402
 
 
@@ -112,11 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 "output_max_abs_diff": float((images[name] - ref).abs().max()),
             } for name, path in files.items()},
         }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

@@ -16,7 +16,6 @@ The model is the config's (tiny by default, random weights: the speed is the poi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.report import emit  # noqa: E402
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
@@ -165,11 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         result["images_per_s"] = {k: round(statistics.median(v), 2) for k, v in runs.items()}
         result["images_per_s_all"] = {k: [round(x, 2) for x in v] for k, v in runs.items()}
         result["align_vs_aligned"] = round(result["images_per_s"]["align"] / result["images_per_s"]["aligned"], 3)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 
