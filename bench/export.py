@@ -47,10 +47,10 @@ def load_once(model: str, out: str) -> None:
 def make_checkpoint(config: str, folder: Path) -> Path:
     import torch
 
+    from clcae.checkpoints import save_checkpoint
     from clcae.config import load_config, to_dict
     from clcae.factory import build_clcae
     from clcae.train.steps import ranger
-    from clcae.weights import save_checkpoint
 
     cfg = load_config(config, ["generator.checkpoint=null", "encoder.pretrained=null", "directions={}"])
     model = build_clcae(cfg)

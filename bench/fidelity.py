@@ -65,8 +65,8 @@ from clcae.cli_args import parse_with_overrides  # noqa: E402
 from clcae.config import CLCAEConfig, DirectionConfig, load_config  # noqa: E402
 from clcae.data.synthesis import seed_z  # noqa: E402
 from clcae.editing import save_interfacegan  # noqa: E402
-from clcae.factory import build_clcae, build_generator  # noqa: E402
-from clcae.inference import Inverter, directions_from_config  # noqa: E402
+from clcae.factory import build_clcae, build_directions, build_generator  # noqa: E402
+from clcae.inference import Inverter  # noqa: E402
 from clcae.metrics import MetricSuite, psnr  # noqa: E402
 from clcae.models.clcae import CLCAE  # noqa: E402
 
@@ -289,7 +289,7 @@ def load_run(checkpoint: str, directions: dict[str, DirectionConfig]) -> tuple[C
     source, cfg = prepare(checkpoint)
     cfg.directions = directions
     model = load(source, cfg).eval().requires_grad_(False)
-    inverter = Inverter(model, directions_from_config(cfg), device="cpu") if model.encoder.has_feature else None
+    inverter = Inverter(model, build_directions(cfg), device="cpu") if model.encoder.has_feature else None
     return model, inverter
 
 

@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import reference_generator  # noqa: E402
 
+from clcae.device import autocast_context  # noqa: E402
 from clcae.models.stylegan2 import Generator  # noqa: E402
-from clcae.precision import autocast_context  # noqa: E402
 
 MODES = ("reference", "fp32", "bf16", "fp16", "compiled")
 

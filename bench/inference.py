@@ -52,8 +52,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from clcae.cli_args import config_file, default_config
 from clcae.config import CLCAEConfig, load_config
+from clcae.device import pick_device
 from clcae.factory import build_clcae
-from clcae.inference import Inverter, pick_device
+from clcae.inference import Inverter
 from clcae.models.clcae import CLCAE
 from clcae.models.encoder import PSPEncoder
 from clcae.models.stylegan2 import Generator

@@ -96,7 +96,8 @@ def panel(cfg, path: str, model: str | None, edit: str | None) -> None:
     from clcae.data.images import tensor_to_pil
     from clcae.editing import save_interfacegan
     from clcae.evaluation import parse_edit
-    from clcae.inference import Inverter, directions_from_config
+    from clcae.factory import build_directions
+    from clcae.inference import Inverter
 
     photo = Image.fromarray(skimage_data.astronaut())
     faces = Aligner("faces", tuple(cfg.encoder.input_size))(photo)
@@ -107,7 +108,7 @@ def panel(cfg, path: str, model: str | None, edit: str | None) -> None:
         cfg.directions = {"random direction": DirectionConfig(kind="interfacegan", path=str(tmp), max_strength=5)}
         edit = "random direction=3"
     inv = Inverter.from_pretrained(model, cfg, device="cpu") if model else Inverter.from_config(cfg, device="cpu")
-    inv.directions = directions_from_config(cfg)
+    inv.directions = build_directions(cfg)
     res = inv.invert([faces[0].image])
     edited = tensor_to_pil(inv.edit(res, [parse_edit(edit)]))[0]
     what = model or f"{cfg.name}, random weights"

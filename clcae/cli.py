@@ -15,7 +15,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from clcae.weights import OFFICIAL, OfficialFile, WeightsError, read_state, sha256_of
+from clcae.official import OFFICIAL, OfficialFile
+from clcae.weights import WeightsError, read_state, sha256_of
 
 log = logging.getLogger("clcae")
 

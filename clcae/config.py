@@ -40,7 +40,7 @@ CONTRASTIVE_OPTIMIZERS = ("adam", "ranger")
 DIRECTION_KINDS = ("interfacegan", "ganspace")
 MODEL_VARIANTS = ("clcae", "psp", "e4e")
 # Numeric precision of inference (infer.precision) and training (train.precision): fp32 = exact (the default);
-# bf16/fp16 = torch.autocast with the sensitive parts in float32 (clcae.precision says which).
+# bf16/fp16 = torch.autocast with the sensitive parts in float32 (clcae.device says which).
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 

@@ -465,8 +465,9 @@ def _label_array(column: pa.ChunkedArray, name: str, uri: str) -> np.ndarray:
 def generator_for(cfg: CLCAEConfig, checkpoint: str | None = None) -> torch.nn.Module:
     """The generator to sample from: ``checkpoint`` may be a rosinality ``.pt`` (``g_ema``) or our stage-2
     checkpoint (its ``decoder.*``); without one, ``generator.checkpoint`` or the config's seeded random init."""
+    from clcae.checkpoints import CHECKPOINT_FORMAT
     from clcae.factory import build_generator
-    from clcae.weights import CHECKPOINT_FORMAT, WeightsError, load_generator, load_into, read_state
+    from clcae.weights import WeightsError, load_generator, load_into, read_state
 
     if checkpoint is None:
         return build_generator(cfg)[0]

@@ -1,14 +1,17 @@
-"""Build models from a config: the one place where config fields turn into module arguments."""
+"""Build models and the direction registry from a config: the one place where config fields turn into module
+arguments."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator
 
 import torch
 
 from clcae.config import CLCAEConfig, n_latent
+from clcae.editing import DirectionRegistry
 from clcae.models.clcae import CLCAE
 from clcae.models.contrastive import ContrastiveAligner, ImageEncoder, LatentEncoder
 from clcae.models.encoder import CLCAEEncoder, PSPEncoder
@@ -96,3 +99,10 @@ def build_aligner(cfg: CLCAEConfig, image_avg: torch.Tensor | None = None,
     latent = LatentEncoder(d, c.layers, c.heads, c.ffn, c.dropout, c.projection_dim)
     return ContrastiveAligner(image, latent, image_avg, latent_avg, c.init_temperature, c.max_logit_scale,
                               c.lambda_image)
+
+
+def build_directions(cfg: CLCAEConfig) -> DirectionRegistry:
+    """The ``directions`` section -> a registry (files are read when a direction is first used)."""
+    spec = {name: {k: v for k, v in dataclasses.asdict(d).items() if v is not None}
+            for name, d in cfg.directions.items()}
+    return DirectionRegistry.from_config(spec, style_dim=cfg.generator.style_dim)

@@ -20,20 +20,14 @@ from torch.nn import functional as F
 from clcae import pretrained
 from clcae.config import CLCAEConfig
 from clcae.data.images import InputError, decode_image, pil_to_tensor
+from clcae.device import DTYPES, autocast_context, pick_device
 from clcae.editing import DirectionRegistry, Edits
-from clcae.factory import build_clcae
+from clcae.factory import build_clcae, build_directions
 from clcae.models.clcae import CLCAE, InversionOutput
 from clcae.models.stylegan2 import FEATURE_RES
-from clcae.precision import DTYPES, autocast_context
 from clcae.pretrained import ModelSource
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @dataclass
@@ -78,7 +72,7 @@ class Inverter:
     @classmethod
     def from_config(cls, cfg: CLCAEConfig, device: str | None = None) -> Inverter:
         """The config's own model: its generator (real or seeded) and a randomly initialised encoder."""
-        return cls(build_clcae(cfg), directions_from_config(cfg), device or cfg.device, f"{cfg.name}:random-init",
+        return cls(build_clcae(cfg), build_directions(cfg), device or cfg.device, f"{cfg.name}:random-init",
                    cfg.infer.precision, cfg.infer.compile)
 
     @classmethod
@@ -93,7 +87,7 @@ class Inverter:
     @classmethod
     def load(cls, source: ModelSource, cfg: CLCAEConfig, device: str | None = None) -> Inverter:
         """A source already resolved with :func:`clcae.pretrained.prepare` (actors and replicas get it so)."""
-        return cls(pretrained.load(source, cfg), directions_from_config(cfg), device or cfg.device, source.model_id,
+        return cls(pretrained.load(source, cfg), build_directions(cfg), device or cfg.device, source.model_id,
                    cfg.infer.precision, cfg.infer.compile)
 
     # ------------------------------------------------------------------------------------ pre/post
@@ -222,9 +216,3 @@ def compile_model(model: CLCAE) -> None:
     g = model.decoder
     g.synthesis_prefix = torch.compile(g.synthesis_prefix)
     g.synthesis_suffix = torch.compile(g.synthesis_suffix)
-
-
-def directions_from_config(cfg: CLCAEConfig) -> DirectionRegistry:
-    spec = {name: {k: v for k, v in dataclasses.asdict(d).items() if v is not None}
-            for name, d in cfg.directions.items()}
-    return DirectionRegistry.from_config(spec, style_dim=cfg.generator.style_dim)

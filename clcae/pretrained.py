@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from clcae.checkpoints import CHECKPOINT_FORMAT
 from clcae.config import (
     CLCAEConfig,
     ConfigError,
@@ -39,9 +40,8 @@ from clcae.config import (
     to_dict,
     upgrade_stored,
 )
+from clcae.official import OFFICIAL
 from clcae.weights import (
-    CHECKPOINT_FORMAT,
-    OFFICIAL,
     MissingWeightsError,
     WeightsError,
     load_into,

@@ -309,11 +309,11 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
 class Api:
     def __init__(self, inverter: DeploymentHandle, editor: DeploymentHandle, config: dict[str, Any],
                  page: str = ""):
-        from clcae.inference import directions_from_config
+        from clcae.factory import build_directions
 
         self.inverter, self.editor = inverter, editor
         self.cfg: CLCAEConfig = from_dict(config)
-        self.directions = directions_from_config(self.cfg)
+        self.directions = build_directions(self.cfg)
         self.page = page
         # build() already resolved the key into the config (see serve_api_key); resolving again is a no-op then
         self.api_key = serve_api_key(self.cfg.serve)

@@ -111,7 +111,7 @@ def serve_and_edit(cfg, checkpoint: str, directions, photo: Path, out: Path, kee
 
 def run(out: Path, overrides: list[str], stage1_steps: int, stage2_steps: int, n_photos: int = 64,
         n_pairs: int = 128, fresh: bool = False, keep_up: bool = False) -> dict:
-    from clcae.data.shards import make_shards
+    from clcae.data.ingest import make_shards
     from clcae.data.synthesis import synthesize
     from clcae.inference import Inverter
     from clcae.pretrained import prepare

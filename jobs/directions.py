@@ -20,13 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clcae.cli_args import add_verbose, config_file, job, parse_with_overrides  # noqa: E402
 from clcae.config import StorageConfig, load_config  # noqa: E402
+from clcae.device import pick_device  # noqa: E402
 from clcae.directions import (  # noqa: E402
     DEFAULT_COMPONENTS,
     fit_ganspace_to_file,
     fit_interfacegan_to_file,
     generator_for,
 )
-from clcae.inference import pick_device  # noqa: E402
 from clcae.train.runtime import configure_output  # noqa: E402
 
 

@@ -32,7 +32,7 @@ from clcae.config import load_config  # noqa: E402
 from clcae.data.storage import absolute, absolute_paths  # noqa: E402
 from clcae.errors import CLCAEError  # noqa: E402
 from clcae.evaluation import parse_edit  # noqa: E402
-from clcae.inference import directions_from_config  # noqa: E402
+from clcae.factory import build_directions  # noqa: E402
 from clcae.pretrained import prepare  # noqa: E402
 from clcae.train.runtime import configure_output, init_ray  # noqa: E402
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     edits = [parse_edit(spec) for spec in args.edit]
     if edits:
         # the actors load the directions with the model: a wrong name or path fails here, at once
-        directions_from_config(cfg)._validated(edits)
+        build_directions(cfg)._validated(edits)
     init_ray()
     try:
         summary = invert_to_table(cfg, inputs, output, source, edits=edits)

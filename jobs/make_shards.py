@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clcae.cli_args import add_verbose, job  # noqa: E402
 from clcae.config import load_config  # noqa: E402
-from clcae.data.shards import make_shards  # noqa: E402
+from clcae.data.ingest import make_shards  # noqa: E402
 from clcae.data.storage import StorageError  # noqa: E402
 from clcae.train.runtime import configure_output  # noqa: E402
 

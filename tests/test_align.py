@@ -280,7 +280,7 @@ def test_make_shards_align_writes_the_library_quads_and_no_face_errors(aligner, 
 
 
 def test_errors_table_exists_even_without_errors(astronaut, tmp_path):
-    from clcae.data.shards import make_shards
+    from clcae.data.ingest import make_shards
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(png(astronaut))

@@ -25,11 +25,11 @@ from PIL import Image, features
 from clcae.config import StorageConfig
 from clcae.data import storage as st
 from clcae.data.images import InputError
+from clcae.data.ingest import make_shards
 from clcae.data.shards import (
     ShardError,
     ShardWriter,
     decode_batch,
-    make_shards,
     read_errors,
     read_shards,
     shard_schema,

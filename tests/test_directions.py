@@ -229,10 +229,11 @@ def test_ganspace_rejects_impossible_requests(generator):
 
 
 def test_generator_comes_from_either_checkpoint_kind(generator, tmp_path):
+    from clcae.checkpoints import save_checkpoint
     from clcae.config import to_dict
     from clcae.directions import generator_for
     from clcae.factory import build_clcae
-    from clcae.weights import WeightsError, save_checkpoint, save_rosinality
+    from clcae.weights import WeightsError, save_rosinality
 
     cfg = load_config("configs/tiny.yaml")
     model = build_clcae(cfg)

@@ -185,7 +185,7 @@ def check_python(cmd: Command, argv: list[str], monkeypatch) -> None:
 
 def check_clcae(cmd: Command, argv: list[str]) -> None:
     from clcae.cli import build_parser
-    from clcae.weights import OFFICIAL
+    from clcae.official import OFFICIAL
 
     parser = build_parser()
     words = {"weights", "fetch", "list", "check", "convert", "export"}

@@ -18,8 +18,8 @@ from clcae.data.images import decode_image, encode_png
 from clcae.data.shards import ShardWriter
 from clcae.editing import EditError, save_interfacegan
 from clcae.evaluation import COLUMNS, EvaluationError, evaluate, parse_edit, read_images, to_markdown, write_report
-from clcae.factory import build_clcae
-from clcae.inference import Inverter, directions_from_config
+from clcae.factory import build_clcae, build_directions
+from clcae.inference import Inverter
 from clcae.metrics import psnr, ssim
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def inverter(tmp_path_factory):
     save_interfacegan(torch.nn.functional.normalize(torch.randn(1, 64), dim=1), d / "smile.pt")
     cfg = load_config("configs/tiny.yaml")
     cfg.directions = {"smile": DirectionConfig(kind="interfacegan", path=str(d / "smile.pt"), max_strength=5.0)}
-    return Inverter(build_clcae(cfg), directions_from_config(cfg), device="cpu", model_id="tiny-test")
+    return Inverter(build_clcae(cfg), build_directions(cfg), device="cpu", model_id="tiny-test")
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from clcae.checkpoints import save_checkpoint
 from clcae.config import ConfigError, DirectionConfig, load_config, to_dict
 from clcae.data.images import InputError, decode_image
 from clcae.editing import EditError, save_interfacegan
-from clcae.factory import build_clcae
-from clcae.inference import Inverter, directions_from_config
-from clcae.weights import save_checkpoint
+from clcae.factory import build_clcae, build_directions
+from clcae.inference import Inverter
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def inverter(tmp_path_factory):
     save_interfacegan(torch.nn.functional.normalize(torch.randn(1, 64), dim=1), d / "smile.pt")
     cfg = load_config("configs/tiny.yaml")
     cfg.directions = {"smile": DirectionConfig(kind="interfacegan", path=str(d / "smile.pt"), max_strength=5.0)}
-    return Inverter(build_clcae(cfg), directions_from_config(cfg), device="cpu")
+    return Inverter(build_clcae(cfg), build_directions(cfg), device="cpu")
 
 
 def photo(mode: str = "RGB", size=(80, 72)) -> bytes:

@@ -20,7 +20,7 @@ import torch
 
 from clcae.config import load_config, to_dict
 from clcae.editing import GANSpacePCA, save_ganspace, save_interfacegan
-from clcae.inference import directions_from_config
+from clcae.factory import build_directions
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -146,7 +146,7 @@ def test_readme_direction_overrides_parse_and_load(monkeypatch, tmp_path):
     for overrides in commands:
         make_direction_files(tmp_path, overrides, style_dim=64)
         cfg = load_config(TINY, overrides)
-        registry = directions_from_config(cfg)
+        registry = build_directions(cfg)
         assert registry.names() and set(registry.names()) == set(cfg.directions)
 
 
@@ -168,8 +168,8 @@ def test_readme_direction_commands_reach_each_front_door(monkeypatch):
 def test_invert_resolves_every_path_in_the_driver(monkeypatch, tmp_path):
     """Relative inputs, output, model and direction files become absolute before a Ray worker (which may run in
     another folder) sees them; the files then load from anywhere."""
+    from clcae.checkpoints import save_checkpoint
     from clcae.factory import build_clcae
-    from clcae.weights import save_checkpoint
 
     invert = script("jobs/invert.py")
     work = tmp_path / "work"
@@ -196,7 +196,7 @@ def test_invert_resolves_every_path_in_the_driver(monkeypatch, tmp_path):
     assert paths and all(Path(p).is_absolute() and Path(p).is_file() for p in paths)
 
     monkeypatch.chdir(tmp_path)  # a worker elsewhere
-    assert directions_from_config(calls["cfg"]).names() == sorted(calls["cfg"].directions)
+    assert build_directions(calls["cfg"]).names() == sorted(calls["cfg"].directions)
 
 
 def test_invert_refuses_a_missing_direction_file_before_starting(monkeypatch, tmp_path, capsys):

@@ -19,12 +19,13 @@ import torch
 from PIL import Image
 
 from clcae import pretrained
+from clcae.checkpoints import save_checkpoint
 from clcae.config import ConfigError, DirectionConfig, load_config, to_dict
 from clcae.editing import save_interfacegan
 from clcae.factory import build_clcae
 from clcae.inference import Inverter
 from clcae.models.stylegan2 import blend_feature
-from clcae.weights import MissingWeightsError, WeightsError, save_checkpoint, save_rosinality
+from clcae.weights import MissingWeightsError, WeightsError, save_rosinality
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTHORS_OPTS = {  # what the authors' train options store (README FFHQ command), at the tiny size
@@ -222,9 +223,9 @@ def test_w_edit_reaches_block_zero_like_the_authors(src, tmp_path, photo_bytes):
     save_interfacegan(d, tmp_path / "smile.pt")
     cfg = tiny()
     cfg.directions = {"smile": DirectionConfig(kind="interfacegan", path=str(tmp_path / "smile.pt"))}
-    from clcae.inference import directions_from_config
+    from clcae.factory import build_directions
 
-    inv = Inverter(src, directions_from_config(cfg), device="cpu")
+    inv = Inverter(src, build_directions(cfg), device="cpu")
     res = inv.invert(photo_bytes)
     assert torch.equal(inv.edit(res, [("smile", 0.0)]), res.image)  # strength 0 is the exact identity
     edited = inv.edit(res, [("smile", 2.0)])

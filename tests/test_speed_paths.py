@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from clcae.config import ConfigError, load_config
+from clcae.device import autocast_context
 from clcae.factory import build_aligner, build_clcae
 from clcae.inference import Inverter
 from clcae.models.stylegan2 import Generator
-from clcae.precision import autocast_context
 from clcae.train.steps import ContrastiveStep, InversionStep
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clcae import weights
+from clcae import checkpoints, weights
+from clcae.checkpoints import save_checkpoint
 from clcae.cli import main as cli_main
 from clcae.config import load_config, to_dict
 from clcae.factory import build_aligner, build_clcae, build_generator
@@ -16,7 +17,6 @@ from clcae.weights import (
     load_generator,
     load_official_contrastive,
     load_official_inversion,
-    save_checkpoint,
     save_rosinality,
 )
 
@@ -158,13 +158,13 @@ def test_our_checkpoint_round_trip_and_kind_check(tmp_path):
     cfg = tiny()
     model = build_clcae(cfg)
     save_checkpoint(tmp_path / "c.pt", "inversion", model, to_dict(cfg), step=3)
-    ckpt = weights.read_checkpoint(str(tmp_path / "c.pt"), kind="inversion")
+    ckpt = checkpoints.read_checkpoint(str(tmp_path / "c.pt"), kind="inversion")
     assert ckpt["step"] == 3 and ckpt["config"]["name"] == "tiny" and "latent_avg" in ckpt["state_dict"]
     with pytest.raises(WeightsError, match="holds a 'inversion' checkpoint, expected 'contrastive'"):
-        weights.read_checkpoint(str(tmp_path / "c.pt"), kind="contrastive")
+        checkpoints.read_checkpoint(str(tmp_path / "c.pt"), kind="contrastive")
     torch.save({"state_dict": {}}, tmp_path / "theirs.pt")
     with pytest.raises(WeightsError, match="not a clcae-platform checkpoint"):
-        weights.read_checkpoint(str(tmp_path / "theirs.pt"))
+        checkpoints.read_checkpoint(str(tmp_path / "theirs.pt"))
 
 
 def test_weights_cli_lists_official_files_and_rejects_unknown(capsys):

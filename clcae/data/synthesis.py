@@ -62,8 +62,8 @@ class PairGenerator:
     """Ray Data actor: builds the generator once, then turns shard descriptors into shard files."""
 
     def __init__(self, config: dict[str, Any], out_uri: str, device: str = "auto"):
+        from clcae.device import pick_device
         from clcae.factory import build_generator
-        from clcae.inference import pick_device
 
         self.cfg = from_dict(config)
         self.device = pick_device(device)

@@ -1,4 +1,5 @@
-"""pSp-style pyramid encoder (IR-SE + FPN), map2style blocks, and the CLCAE inversion encoder.
+"""pSp-style pyramid encoders (IR-SE + FPN) with map2style heads (:mod:`clcae.models.map2style`): the CLCAE
+inversion encoder and the pSp/e4e baselines.
 
 Module names follow pSp and the authors' ``GradualStyleEncoder`` (``input_layer``, ``body``, ``styles``,
 ``styles_others``, ``latlayer1/2``, ``cross_attention``, ``feature_cross_attention``, ``content_layer``), so
@@ -13,7 +14,6 @@ e4e, which is :class:`CLCAEEncoder` without W+ attention and without the F branc
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -22,50 +22,8 @@ from torch.nn import functional as F
 
 from clcae.models.attention import CrossAttention
 from clcae.models.irse import backbone_spec, make_body, make_input_layer
-from clcae.models.stylegan2 import FEATURE_RES, EqualLinear
-
-
-def _n_halvings(h: int, w: int, target: int = 1) -> int:
-    """Stride-2 convs (k3, p1) needed to bring an h x w map down to target x target (ceil division)."""
-    n = 0
-    while max(h, w) > target:
-        h, w = (h + 1) // 2, (w + 1) // 2
-        n += 1
-    if (h, w) != (target, target):
-        raise ValueError(f"cannot reduce a feature map to {target}x{target} by halving")
-    return n
-
-
-class GradualStyleBlock(nn.Module):
-    """map2style: stride-2 convs down to 1x1, then an equalised linear layer -> one style vector."""
-
-    def __init__(self, in_c: int, out_c: int, spatial: tuple[int, int]):
-        super().__init__()
-        layers: list[nn.Module] = []
-        for i in range(_n_halvings(*spatial)):
-            layers += [nn.Conv2d(in_c if i == 0 else out_c, out_c, 3, stride=2, padding=1), nn.LeakyReLU()]
-        self.out_c = out_c
-        self.convs = nn.Sequential(*layers)
-        self.linear = EqualLinear(out_c, out_c, lr_mul=1.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.convs(x).view(-1, self.out_c))
-
-
-class GradualFeatureBlock(nn.Module):
-    """The 'CNN' of Eq. 5: stride-2 convs from T3's size down to G5's 16x16 (one stride-1 conv if equal)."""
-
-    def __init__(self, in_c: int, out_c: int, in_size: int, out_size: int = FEATURE_RES):
-        super().__init__()
-        n = int(math.log2(in_size // out_size))
-        layers: list[nn.Module] = []
-        for i in range(max(n, 1)):
-            stride = 2 if n > 0 else 1
-            layers += [nn.Conv2d(in_c if i == 0 else out_c, out_c, 3, stride=stride, padding=1), nn.LeakyReLU()]
-        self.convs = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.convs(x)
+from clcae.models.map2style import GradualFeatureBlock, GradualStyleBlock
+from clcae.models.stylegan2 import FEATURE_RES
 
 
 @dataclass(frozen=True)
@@ -123,7 +81,12 @@ class PyramidEncoder(nn.Module):
 
 
 class WEncoder(PyramidEncoder):
-    """Pyramid encoder plus the map2style head on T1 that predicts w (an offset from latent_avg)."""
+    """Pyramid encoder plus the map2style head on T1 that predicts w (an offset from latent_avg).
+
+    Subclasses with per-layer heads read style block i from T1 for i < ``coarse_ind``, from T2 for
+    i < ``middle_ind`` and from T3 after that."""
+
+    coarse_ind, middle_ind = 2, 6
 
     def __init__(self, backbone: str = "ir_se50", input_size: tuple[int, int] = (256, 256), style_dim: int = 512):
         super().__init__(backbone, input_size, width=style_dim)
@@ -133,6 +96,16 @@ class WEncoder(PyramidEncoder):
     def w_offset(self, x: torch.Tensor) -> torch.Tensor:
         (c3,) = self.backbone(x, stop_at_c3=True)
         return self.styles[0](c3)
+
+    def source_of(self, i: int) -> str:
+        return "t1" if i < self.coarse_ind else ("t2" if i < self.middle_ind else "t3")
+
+    def read_styles(self, x: torch.Tensor, blocks: nn.ModuleList
+                    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(block i applied to its pyramid level for every i, T1, T3)."""
+        t1, t2, t3 = self.pyramid(x)
+        maps = {"t1": t1, "t2": t2, "t3": t3}
+        return [block(maps[self.source_of(i)]) for i, block in enumerate(blocks)], t1, t3
 
 
 @dataclass
@@ -161,7 +134,6 @@ class CLCAEEncoder(WEncoder):
         self.n_latent = n_latent
         self.has_feature = feature
         self.w_attention, self.f_attention = w_attention, f_attention and feature
-        self.coarse_ind, self.middle_ind = 2, 6
         sources = [self.source_of(i) for i in range(n_latent - 1)]
         self.styles_others = nn.ModuleList(
             GradualStyleBlock(self.width, style_dim, getattr(self.shapes, s)) for s in sources
@@ -178,14 +150,9 @@ class CLCAEEncoder(WEncoder):
                 raise ValueError(f"T3 ({self.shapes.t3}) is smaller than the 16x16 feature f; use a larger input size")
             self.content_layer = GradualFeatureBlock(self.width, feature_channels, t3_side)
 
-    def source_of(self, i: int) -> str:
-        return "t1" if i < self.coarse_ind else ("t2" if i < self.middle_ind else "t3")
-
     def features(self, x: torch.Tensor) -> EncoderOutput:
-        t1, t2, t3 = self.pyramid(x)
-        maps = {"t1": t1, "t2": t2, "t3": t3}
+        residuals, t1, t3 = self.read_styles(x, self.styles_others)
         w_off = self.styles[0](t1)
-        residuals = [block(maps[self.source_of(i)]) for i, block in enumerate(self.styles_others)]
         return EncoderOutput(w_off, torch.stack([w_off, *residuals], dim=1), t3)
 
     def w_plus_offset(self, w_off: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
@@ -243,13 +210,9 @@ class PSPEncoder(WEncoder):
             GradualStyleBlock(self.width, style_dim, getattr(self.shapes, self.source_of(i))) for i in range(n_latent)
         )
 
-    def source_of(self, i: int) -> str:
-        return "t1" if i < self.coarse_ind else ("t2" if i < self.middle_ind else "t3")
-
     def features(self, x: torch.Tensor) -> EncoderOutput:
-        t1, t2, t3 = self.pyramid(x)
-        maps = {"t1": t1, "t2": t2, "t3": t3}
-        offsets = torch.stack([block(maps[self.source_of(i)]) for i, block in enumerate(self.styles)], dim=1)
+        styles, _, t3 = self.read_styles(x, self.styles)
+        offsets = torch.stack(styles, dim=1)
         return EncoderOutput(offsets.mean(dim=1), offsets, t3)
 
     def w_plus_offset(self, w_off: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:

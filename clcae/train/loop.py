@@ -1,7 +1,7 @@
 """The Ray Train side of both stages: one ``train_loop_per_worker`` (the stage picks the step function), the
 checkpoint/resume code, and ``fit`` that wires datasets, storage and fault tolerance into a TorchTrainer.
 
-Checkpoints are our platform format (``clcae.weights.save_checkpoint``) with the optimiser, step and RNG
+Checkpoints are our platform format (``clcae.checkpoints.save_checkpoint``) with the optimiser, step and RNG
 state added, one ``checkpoint.pt`` per ``checkpoint_{step:06d}`` directory under
 ``{train.storage_path}/{run_name}/``.  The same file feeds ``Inverter.from_checkpoint`` and stage 2.
 
@@ -121,8 +121,9 @@ def init_source(cfg: CLCAEConfig) -> dict[str, Any] | None:
 
 
 def load_stage1(cfg: CLCAEConfig, uri: str, x_avg: torch.Tensor, latent_avg: torch.Tensor):
+    from clcae.checkpoints import read_checkpoint
     from clcae.factory import build_aligner
-    from clcae.weights import load_into, read_checkpoint
+    from clcae.weights import load_into
 
     aligner = build_aligner(cfg, x_avg, latent_avg)
     ckpt = read_checkpoint(uri, kind="contrastive")
@@ -218,7 +219,7 @@ def _restore(step_obj, ckpt, device: torch.device, rank: int) -> int:
 
 def _save(step_obj, cfg: CLCAEConfig, stage: str, step: int, directory: str, run_name: str,
           rng: list[dict[str, torch.Tensor]]) -> None:
-    from clcae.weights import save_checkpoint
+    from clcae.checkpoints import save_checkpoint
 
     save_checkpoint(Path(directory) / CHECKPOINT_FILE, stage, step_obj.model, to_dict(cfg),
                     optimizer=step_obj.optimizer.state_dict(), step=step, rng={"ranks": rng},
@@ -397,7 +398,7 @@ def fit(cfg: CLCAEConfig, stage: str, run_name: str, faults: Faults | None = Non
     resuming = check_resume(cfg, stage, run_name, uri)
     stage1 = stage1_source(cfg) if stage == "inversion" else None
     if stage1 is not None:
-        from clcae.weights import read_checkpoint
+        from clcae.checkpoints import read_checkpoint
 
         read_checkpoint(stage1, kind="contrastive")  # fail here, not in every worker
     check_files(cfg, stage, resuming)

@@ -158,7 +158,7 @@ def checkpoint_meta(checkpoint_dir: str, storage: StorageConfig) -> dict[str, An
         if fs.exists(path):
             with fs.open(path, "rb") as fh:
                 return json.load(fh)
-    from clcae.weights import read_checkpoint
+    from clcae.checkpoints import read_checkpoint
 
     ckpt = read_checkpoint(join(checkpoint_dir, CHECKPOINT_FILE))
     return {"kind": ckpt.get("kind"), "step": ckpt.get("step"), "config": ckpt.get("config", {})}

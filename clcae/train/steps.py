@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from clcae.config import CLCAEConfig
+from clcae.device import autocast_context
 from clcae.losses import InversionCriterion
 from clcae.models.clcae import CLCAE, OUTPUTS
 from clcae.models.contrastive import ContrastiveAligner, info_nce
-from clcae.precision import autocast_context
 
 # The reconstructions each variant's losses are summed over: CLCAE's three (Eq. 7), the baselines' G(w+).
 TRAIN_OUTPUTS = {"clcae": OUTPUTS, "psp": ("w_plus",), "e4e": ("w_plus",)}

@@ -1,4 +1,5 @@
-"""Numeric precision of a model run: ``fp32`` (exact, the default), ``bf16`` or ``fp16`` through ``torch.autocast``.
+"""Where a model runs (:func:`pick_device`) and its numeric precision: ``fp32`` (exact, the default), ``bf16``
+or ``fp16`` through ``torch.autocast``.
 
 One definition for inference (``infer.precision``: the Inverter, hence Serve and the batch job) and training
 (``train.precision``: :mod:`clcae.train.steps`).  Under autocast, convolutions and matmuls run in the low
@@ -18,6 +19,13 @@ import torch
 from clcae.config import PRECISIONS
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; anything else is a torch device string."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def autocast_context(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager[Any]:
