@@ -112,3 +112,40 @@ def kill_session(sid: int) -> None:
                     os.kill(int(entry), signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+@pytest.fixture(scope="module")
+def inverter(tmp_path_factory):
+    """The tiny model (random weights, seeded by the config) with the ``smile`` direction, on CPU."""
+    from helpers import smile_direction, tiny
+
+    from clcae.factory import build_clcae, build_directions
+    from clcae.inference import Inverter
+
+    cfg = tiny(*smile_direction(tmp_path_factory.mktemp("dirs")))
+    return Inverter(build_clcae(cfg), build_directions(cfg), device="cpu", model_id="tiny-test")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that starts Ray (the ``ray_cluster`` fixture) as ``cluster`` for ``make test-fast``."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+
+
+# ------------------------------------------------------------------------------------------ no silent skips in CI
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _ci() and terminalreporter.stats.get("skipped"):
+        terminalreporter.write_line("CI=true: a skipped test is a failure here (a missing install step in .ci/run?)",
+                                    red=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under CI every test must run: a skip there means .ci/run forgot an install step, so it fails the run."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if _ci() and exitstatus == 0 and reporter is not None and reporter.stats.get("skipped"):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

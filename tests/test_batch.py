@@ -2,47 +2,28 @@
 
 from __future__ import annotations
 
-import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import ROOT, forged_png, noise_image
 from PIL import Image
 
 from clcae.batch import invert_to_table, read_table
 from clcae.config import load_config
 from clcae.data.shards import ShardWriter
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def png(seed: int, size=(48, 40)) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def forged_png(width: int, height: int) -> bytes:
-    """A tiny PNG whose IHDR claims width x height: a decompression bomb's header without the memory."""
-    data = bytearray(png(0, (8, 8)))
-    ihdr = data.index(b"IHDR")
-    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
-    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
-    return bytes(data)
+    return noise_image(size=size, seed=seed)
 
 
 def encoded(mode: str, fmt: str = "PNG", size=(40, 40)) -> bytes:
-    im = Image.fromarray(np.random.default_rng(1).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-    im = im.convert(mode) if mode != "I;16" else Image.fromarray(np.full(size[::-1], 40000, np.uint16))
-    buf = io.BytesIO()
-    im.save(buf, format=fmt)
-    return buf.getvalue()
+    return noise_image(mode, fmt, size, seed=1)
 
 
 def image_folder(folder: Path, n: int, corrupt: set[int]) -> None:

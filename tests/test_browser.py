@@ -1,7 +1,7 @@
 """The web editor (serve/static/index.html) in headless Chromium against the real Serve app (tiny config).
 
-Skipped only when Chromium (/usr/bin/chromium) or the playwright package is missing; CI installs both
-(`apt-get install chromium`, `pip install playwright`, never `playwright install`).
+Skipped only when Chromium (/usr/bin/chromium) is missing (a skip fails the run under CI=true, see conftest.py);
+.ci/run installs it (`apt-get install chromium`; playwright is a dev dependency, never `playwright install`).
 """
 
 from __future__ import annotations
@@ -10,31 +10,24 @@ import base64
 import importlib.util
 import io
 import re
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT, serve_app
+from playwright import sync_api
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} not found: apt-get install -y chromium", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install playwright")
 
-ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 TIMEOUT_MS = 30_000  # the first inversion warms the model up; the machine may be busy
 # Chromium logs every 4xx/5xx answer as a console error; only these are expected, and only in the error test.
 FAILED_RESOURCE = re.compile(r"^Failed to load resource: the server responded with a status of 4\d\d\b")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _page_html() -> str:
@@ -57,28 +50,10 @@ def _png(size: int = 80) -> bytes:
 
 @pytest.fixture(scope="module")
 def app_url(ray_cluster, tmp_path_factory) -> Iterator[str]:
-    import torch
-    from ray import serve
-
-    from clcae.config import load_config
-    from clcae.editing import save_interfacegan
-    from clcae.serving import start
-
-    direction = tmp_path_factory.mktemp("directions") / "smile.pt"
-    save_interfacegan(torch.nn.functional.normalize(torch.randn(1, 64, generator=torch.Generator().manual_seed(0)),
-                                                    dim=1), direction)
-    port = _free_port()
-    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [
-        "directions.smile.kind=interfacegan", f"directions.smile.path={direction}",
-        "directions.smile.max_strength=5", f"serve.port={port}", "serve.cpus_per_replica=0.5",
-        "serve.min_replicas=1", "serve.max_replicas=1"])
     html = _page_html()
     assert 'id="edited-img"' in html, "serve/static/index.html is missing or not the editor page"
-    start(cfg, html)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
+    with serve_app(tmp_path_factory.mktemp("directions"), "serve.min_replicas=1", html=html) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

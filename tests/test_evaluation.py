@@ -10,16 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from clcae.config import DirectionConfig, load_config
 from clcae.data.images import decode_image, encode_png
 from clcae.data.shards import ShardWriter
-from clcae.editing import EditError, save_interfacegan
+from clcae.editing import EditError
 from clcae.evaluation import COLUMNS, EvaluationError, evaluate, parse_edit, read_images, to_markdown, write_report
-from clcae.factory import build_clcae, build_directions
-from clcae.inference import Inverter
 from clcae.metrics import psnr, ssim
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,16 +35,6 @@ def folder(tmp_path_factory):
     (d / "broken.png").write_bytes(b"not a png")  # counted and listed, not fatal
     (d / "notes.txt").write_text("not an image")  # no image suffix: skipped
     return d
-
-
-@pytest.fixture(scope="module")
-def inverter(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dirs")
-    torch.manual_seed(0)
-    save_interfacegan(torch.nn.functional.normalize(torch.randn(1, 64), dim=1), d / "smile.pt")
-    cfg = load_config("configs/tiny.yaml")
-    cfg.directions = {"smile": DirectionConfig(kind="interfacegan", path=str(d / "smile.pt"), max_strength=5.0)}
-    return Inverter(build_clcae(cfg), build_directions(cfg), device="cpu", model_id="tiny-test")
 
 
 @pytest.fixture(scope="module")

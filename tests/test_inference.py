@@ -4,40 +4,20 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 import pytest
 import torch
+from helpers import MODE_ZOO, noise_image
 from PIL import Image
 
 from clcae.checkpoints import save_checkpoint
-from clcae.config import ConfigError, DirectionConfig, load_config, to_dict
+from clcae.config import ConfigError, load_config, to_dict
 from clcae.data.images import InputError, decode_image
-from clcae.editing import EditError, save_interfacegan
-from clcae.factory import build_clcae, build_directions
+from clcae.editing import EditError
 from clcae.inference import Inverter
 
 
-@pytest.fixture(scope="module")
-def inverter(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dirs")
-    torch.manual_seed(0)
-    save_interfacegan(torch.nn.functional.normalize(torch.randn(1, 64), dim=1), d / "smile.pt")
-    cfg = load_config("configs/tiny.yaml")
-    cfg.directions = {"smile": DirectionConfig(kind="interfacegan", path=str(d / "smile.pt"), max_strength=5.0)}
-    return Inverter(build_clcae(cfg), build_directions(cfg), device="cpu")
-
-
-def photo(mode: str = "RGB", size=(80, 72)) -> bytes:
-    rng = np.random.default_rng(0)
-    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    if mode == "I;16":
-        im = Image.new("I;16", size)
-        im.frombytes((arr[..., 0].astype("<u2") * 257).tobytes(), "raw", "I;16")
-    else:
-        im = Image.fromarray(arr).convert(mode)
-    buf = io.BytesIO()
-    im.save(buf, format="TIFF" if mode == "CMYK" else "PNG")
-    return buf.getvalue()
+def photo(mode: str = "RGB", fmt: str = "PNG", size=(80, 72)) -> bytes:
+    return noise_image(mode, fmt, size)
 
 
 def test_invert_shapes_and_extra_outputs(inverter):
@@ -85,11 +65,11 @@ def test_checkpoint_round_trip_gives_the_same_inversion(inverter, tmp_path):
         Inverter.from_pretrained(str(tmp_path / "c.pt"), overrides=["model.attention_dropout=0.0"])
 
 
-@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16"])
-def test_non_rgb_modes_are_converted(inverter, mode):
-    im = decode_image(photo(mode))
+@pytest.mark.parametrize("mode,fmt", MODE_ZOO)
+def test_non_rgb_modes_are_converted(inverter, mode, fmt):
+    im = decode_image(photo(mode, fmt))
     assert im.mode == "RGB"
-    assert inverter.invert([photo(mode)]).image.shape == (1, 3, 64, 64)
+    assert inverter.invert([photo(mode, fmt)]).image.shape == (1, 3, 64, 64)
 
 
 def test_bad_images_are_refused_with_reasons():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,19 +14,14 @@ from pathlib import Path
 
 import pytest
 from conftest import kill_session
+from helpers import free_port
 
 from clcae.config import load_config, to_dict
 from clcae.data.synthesis import PairGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
-pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]  # its own `ray start` head
 
 
 @pytest.fixture

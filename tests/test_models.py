@@ -259,8 +259,7 @@ def test_info_nce_is_symmetric_and_falls_for_aligned_pairs():
     assert torch.allclose(info_nce(img, lat, scale), info_nce(lat, img, scale))
     aligned = info_nce(img, img, scale)
     shuffled = info_nce(img, img[torch.randperm(8)], scale)
-    assert aligned < info_nce(img, lat, scale) < shuffled + 5  # aligned pairs give the lowest loss
-    assert aligned < shuffled
+    assert aligned < info_nce(img, lat, scale) and aligned < shuffled  # aligned pairs give the lowest loss
     # lambda weights the two directions: lambda=1 is the image->latent term alone
     manual = F.cross_entropy(scale * img @ lat.t(), torch.arange(8))
     torch.testing.assert_close(info_nce(img, lat, scale, lambda_image=1.0), manual)

@@ -5,70 +5,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import socket
-import struct
-import zlib
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import torch
+from helpers import MODE_ZOO, ROOT, forged_png, noise_image, serve_app
 from PIL import Image
 
 from clcae.config import load_config
-from clcae.editing import save_interfacegan
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def encoded(mode: str = "RGB", fmt: str = "PNG", size=(72, 64), seed: int = 0) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    im = Image.fromarray(arr)
-    if mode == "I;16":
-        im = Image.fromarray(np.full(size[::-1], 30000, np.uint16))
-    elif mode != "RGB":
-        im = im.convert(mode)
-    buf = io.BytesIO()
-    im.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def forged_png(width: int, height: int) -> bytes:
-    data = bytearray(encoded(size=(8, 8)))
-    i = data.index(b"IHDR")
-    data[i + 4:i + 12] = struct.pack(">II", width, height)
-    data[i + 17:i + 21] = struct.pack(">I", zlib.crc32(bytes(data[i:i + 17])))
-    return bytes(data)
 
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, tmp_path_factory):
-    from ray import serve
-
-    from clcae.serving import start
-
-    d = tmp_path_factory.mktemp("dirs")
-    torch.manual_seed(0)
-    save_interfacegan(torch.nn.functional.normalize(torch.randn(1, 64), dim=1), d / "smile.pt")
-    port = free_port()
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
-        f"serve.port={port}", "serve.cpus_per_replica=0.5", "serve.max_replicas=1", "serve.max_body_mb=1",
-        "serve.max_queued_requests=4", "serve.max_ongoing_requests=8", "serve.max_batch_size=8",
-        "directions.smile.kind=interfacegan", f"directions.smile.path={d / 'smile.pt'}",
-        "directions.smile.max_strength=5"])
-    start(cfg, "<html><body>editor</body></html>")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
+    with serve_app(tmp_path_factory.mktemp("dirs"), "serve.max_body_mb=1", "serve.max_queued_requests=4",
+                   "serve.max_ongoing_requests=8", "serve.max_batch_size=8") as url:
+        yield url
 
 
 def test_health_readiness_openapi_and_page(server):
@@ -86,20 +40,20 @@ def test_directions_listing(server):
 
 
 def test_invert_json_png_and_multipart(server):
-    r = httpx.post(f"{server}/v1/invert", content=encoded(), headers={"content-type": "image/png"}, timeout=60)
+    r = httpx.post(f"{server}/v1/invert", content=noise_image(), headers={"content-type": "image/png"}, timeout=60)
     assert r.status_code == 200, r.text
     body = r.json()
     assert len(body["w"]) == 64 and np.asarray(body["w_plus"]).shape == (10, 64)
     assert body["latents"]["f"]["shape"] == [32, 16, 16]
     rec = Image.open(io.BytesIO(base64.b64decode(body["reconstruction_png"])))
     assert rec.size == (64, 64)
-    png = httpx.post(f"{server}/v1/invert?format=png", files={"image": ("x.jpg", encoded(fmt="JPEG"))}, timeout=60)
+    png = httpx.post(f"{server}/v1/invert?format=png", files={"image": ("x.jpg", noise_image(fmt="JPEG"))}, timeout=60)
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(png.content)).size == (64, 64)
 
 
 def test_edit_from_latents_strength_zero_is_the_reconstruction(server):
-    inv = httpx.post(f"{server}/v1/invert", content=encoded(seed=3), timeout=60).json()
+    inv = httpx.post(f"{server}/v1/invert", content=noise_image(seed=3), timeout=60).json()
     same = httpx.post(f"{server}/v1/edit", json={"latents": inv["latents"], "edits": [
         {"direction": "smile", "strength": 0.0}], "format": "json"}, timeout=60).json()
     assert same["image_png"] == same["reconstruction_png"]
@@ -110,24 +64,23 @@ def test_edit_from_latents_strength_zero_is_the_reconstruction(server):
 
 
 def test_edit_from_an_uploaded_image(server):
-    r = httpx.post(f"{server}/v1/edit", files={"image": ("a.png", encoded())},
+    r = httpx.post(f"{server}/v1/edit", files={"image": ("a.png", noise_image())},
                    data={"edits": '[{"direction": "smile", "strength": 2}]'}, timeout=60)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
 
 
-@pytest.mark.parametrize("mode,fmt", [("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "PNG"), ("LA", "PNG"),
-                                      ("I;16", "PNG"), ("L", "JPEG")])
+@pytest.mark.parametrize("mode,fmt", MODE_ZOO)
 def test_unusual_modes_are_converted(server, mode, fmt):
-    r = httpx.post(f"{server}/v1/invert?format=png", content=encoded(mode, fmt), timeout=60)
+    r = httpx.post(f"{server}/v1/invert?format=png", content=noise_image(mode, fmt), timeout=60)
     assert r.status_code == 200, r.text
 
 
 BAD = {
     "not an image": (b"hello world, not an image", 415, "not a readable image"),
     "zero bytes": (b"", 400, "0 bytes"),
-    "truncated png": (encoded()[:300], 415, "not a readable image"),
+    "truncated png": (noise_image()[:300], 415, "not a readable image"),
     "decompression bomb": (forged_png(20000, 20000), 400, "limit"),
-    "too small": (encoded(size=(4, 4)), 400, "too small"),
+    "too small": (noise_image(size=(4, 4)), 400, "too small"),
 }
 
 
@@ -139,7 +92,7 @@ def test_bad_images_get_4xx_with_a_reason(server, name):
 
 
 def test_bad_edit_requests_get_4xx_with_a_reason(server):
-    inv = httpx.post(f"{server}/v1/invert", content=encoded(), timeout=60).json()
+    inv = httpx.post(f"{server}/v1/invert", content=noise_image(), timeout=60).json()
     cases = [
         ({"latents": inv["latents"], "edits": [{"direction": "smiel", "strength": 1}]}, 404, "unknown direction"),
         ({"latents": inv["latents"], "edits": [{"direction": "smile", "strength": 50}]}, 422, "out of range"),
@@ -154,7 +107,7 @@ def test_bad_edit_requests_get_4xx_with_a_reason(server):
         assert r.status_code == status and words in r.json()["error"], (payload.get("edits"), r.text)
     r = httpx.post(f"{server}/v1/edit", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "malformed JSON" in r.json()["error"]
-    r = httpx.post(f"{server}/v1/invert?format=gif", content=encoded())
+    r = httpx.post(f"{server}/v1/invert?format=gif", content=noise_image())
     assert r.status_code == 400 and "format" in r.json()["error"]
 
 
@@ -170,7 +123,7 @@ def test_overload_answers_json_503_fast_and_recovers(server):
         async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
             async def one(i):
                 t = asyncio.get_running_loop().time()
-                r = await client.post(f"{server}/v1/invert?format=png", content=encoded(seed=i))
+                r = await client.post(f"{server}/v1/invert?format=png", content=noise_image(seed=i))
                 return r, asyncio.get_running_loop().time() - t
             return await asyncio.gather(*(one(i) for i in range(80)))
 
@@ -181,10 +134,12 @@ def test_overload_answers_json_503_fast_and_recovers(server):
     for r, _ in rejected:
         assert r.headers["content-type"] == "application/json", (r.headers, r.text)
         assert "busy" in r.json()["error"] and int(r.headers["retry-after"]) >= 1
-    latencies = sorted(t for _, t in rejected)
-    # refused at once, not after waiting in a queue (0.2-0.5 s measured with 80 connections on 2 busy cores)
-    assert latencies[len(latencies) // 2] < 1.5, latencies
-    r = httpx.post(f"{server}/v1/invert?format=png", content=encoded(), timeout=60)
+    refused = sorted(t for _, t in rejected)
+    served = sorted(t for r, t in results if r.status_code == 200)
+    # refused at once, not after waiting in a queue: faster than the requests that were served (0.2-0.5 s vs
+    # several seconds measured with 80 connections on 2 busy cores)
+    assert refused[len(refused) // 2] < served[len(served) // 2], (refused, served)
+    r = httpx.post(f"{server}/v1/invert?format=png", content=noise_image(), timeout=60)
     assert r.status_code == 200  # recovered
 
 
@@ -216,8 +171,9 @@ def test_healthz_answers_promptly_while_slow_decodes_are_in_flight(server):
             return latencies, in_flight, [a.status_code for a in answers]
 
     latencies, in_flight, codes = asyncio.run(asyncio.wait_for(probe(), timeout=180))
-    assert max(latencies) < 1.0, latencies
+    # the proof is that /healthz answered while uploads were still decoding; the bound only catches a stall
     assert in_flight > 0, "the slow uploads finished before /healthz was probed: the test proved nothing"
+    assert max(latencies) < 5.0, latencies
     assert codes == [200] * 6
 
 
@@ -301,7 +257,7 @@ MALFORMED_BODIES = {
 
 @pytest.fixture(scope="module")
 def good_latents(server) -> dict:
-    r = httpx.post(f"{server}/v1/invert", content=encoded(seed=5), timeout=60)
+    r = httpx.post(f"{server}/v1/invert", content=noise_image(seed=5), timeout=60)
     assert r.status_code == 200, r.text
     return r.json()["latents"]
 
@@ -360,7 +316,12 @@ def test_builder_reads_args_as_config_and_overrides():
     from serve.app import build_app
 
     app = build_app({"config": str(ROOT / "configs" / "tiny.yaml"), "serve.max_replicas": "3"})
-    assert type(app).__name__ == "Application"
+    ingress = app._bound_deployment  # the Api, bound to the two model deployments
+    bound = [a._bound_deployment for a in ingress.init_args if hasattr(a, "_bound_deployment")]
+    models = {d.name: d for d in bound}
+    assert ingress.name == "Api" and set(models) == {"InvertModel", "EditModel"}
+    for d in models.values():  # the override reached every model deployment's autoscaling bounds
+        assert d._deployment_config.autoscaling_config.max_replicas == 3
     from clcae.config import ConfigError
 
     with pytest.raises(ConfigError, match="serve.max_replicsa"):

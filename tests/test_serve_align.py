@@ -8,34 +8,20 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from helpers import ROOT, encode, serve_app
 from PIL import Image
 from skimage import data as skimage_data
 
 from clcae.align import align, photo_mask
 from clcae.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 CROP = (64, 64)  # configs/tiny.yaml's encoder.input_size: the aligned crop and every model output
 SMILE = '[{"direction": "smile", "strength": 3}]'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def encode(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def decode(b64_or_bytes: str | bytes) -> Image.Image:
@@ -65,25 +51,8 @@ def photos() -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, tmp_path_factory):
-    import torch
-    from ray import serve
-
-    from clcae.editing import save_interfacegan
-    from clcae.serving import start
-
-    d = tmp_path_factory.mktemp("dirs")
-    torch.manual_seed(0)
-    save_interfacegan(torch.nn.functional.normalize(torch.randn(1, 64), dim=1), d / "smile.pt")
-    port = free_port()
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
-        f"serve.port={port}", "serve.cpus_per_replica=0.5", "serve.max_replicas=1", "serve.max_body_mb=4",
-        "directions.smile.kind=interfacegan", f"directions.smile.path={d / 'smile.pt'}",
-        "directions.smile.max_strength=5"])
-    start(cfg, "<html><body>editor</body></html>")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
+    with serve_app(tmp_path_factory.mktemp("dirs"), "serve.max_body_mb=4") as url:
+        yield url
 
 
 def post(url: str, **kw) -> httpx.Response:

@@ -183,7 +183,13 @@ def test_training_steps_run_under_each_precision(precision):
         pytest.fail(f"{precision}: no parameter changed in 8 steps")
     assert all(torch.isfinite(torch.tensor(v)) for v in terms.values())
     assert all(p.dtype == torch.float32 for p in model.encoder.parameters())  # autocast, not a cast model
-    assert ("grad_scaler" in step.modules()) == (precision == "fp16")
+    state = step.training_state()  # what a checkpoint carries beside the weights
+    assert ("grad_scaler" in state) == (precision == "fp16")
+    resumed = InversionStep(cfg, build_clcae(cfg, load_pretrained=False), aligner)
+    resumed.load_training_state(state, torch.device("cpu"))
+    if precision == "fp16":  # the resumed run continues with the scale it had, not 2**16 again
+        assert resumed.amp.scaler.get_scale() == step.amp.scaler.get_scale() < 2.0 ** 16
+    assert resumed.optimizer.state_dict()["state"].keys() == step.optimizer.state_dict()["state"].keys()
     cstep = ContrastiveStep(cfg, build_aligner(cfg, model.x_avg, model.latent_avg))
     out = cstep(x, torch.randn(2, cfg.generator.style_dim), 1)
     assert torch.isfinite(torch.tensor(out["loss"]))
