@@ -28,49 +28,43 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clcae.cli_args import add_verbose, default_config, job, parse_with_overrides  # noqa: E402
-from clcae.config import DirectionConfig, load_config  # noqa: E402
-from clcae.data.images import encode_png, image_grid, tensor_to_pil  # noqa: E402
-from clcae.data.synthesis import seed_z  # noqa: E402
-from clcae.editing import GANSpacePCA, save_ganspace, save_interfacegan  # noqa: E402
+from clcae.config import DirectionConfig, load_config, to_dict  # noqa: E402
+from clcae.data.images import decode_image, image_grid, pil_to_tensor, tensor_to_pil  # noqa: E402
+from clcae.data.synthesis import PairGenerator  # noqa: E402
+from clcae.directions import fit_ganspace_to_file  # noqa: E402
+from clcae.editing import load_ganspace, save_interfacegan  # noqa: E402
 from clcae.factory import build_generator  # noqa: E402
-from clcae.models.clcae import crop_and_pool  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("clcae.demo")  # under "clcae": printed at the default verbosity
 
 
-@torch.no_grad()
-def render(generator, cfg, seeds: range) -> torch.Tensor:
-    z = seed_z(seeds, generator.style_dim)
-    crop = tuple(cfg.generator.crop) if cfg.generator.crop else None
-    return crop_and_pool(generator.synthesis(generator.mapping(z)), crop, tuple(cfg.encoder.input_size)).clamp(-1, 1)
-
-
-def write_photos(generator, cfg, folder: Path, n: int) -> None:
-    """A folder of PNG files standing in for a user's image collection."""
-    write_photos_seeds(generator, cfg, folder, range(1_000_000, 1_000_000 + n))
-
-
-def write_photos_seeds(generator, cfg, folder: Path, seeds: range) -> None:
+def write_photos(cfg, folder: Path, seeds: range) -> list[Path]:
+    """PNG files rendered by the seeded generator (the pair synthesiser's renderer), standing in for a user's
+    image collection."""
     folder.mkdir(parents=True, exist_ok=True)
+    renderer = PairGenerator(to_dict(cfg), out_uri="", device="cpu")
+    paths = []
     for start in range(0, len(seeds), 32):
-        chunk = seeds[start:start + 32]
-        for s, im in zip(chunk, tensor_to_pil(render(generator, cfg, chunk))):
-            (folder / f"photo_{s}.png").write_bytes(encode_png(im))
+        chunk = list(seeds[start:start + 32])
+        for seed, png in zip(chunk, renderer.render(chunk)[1]):
+            paths.append(folder / f"photo_{seed}.png")
+            paths[-1].write_bytes(png)
+    return paths
 
 
-@torch.no_grad()
-def fit_directions(generator, out_dir: Path, n: int = 4096, seed: int = 0, components: int = 8):
-    """GANSpace on the toy generator: PCA of sampled w, written in e4e's formats (PCA dict + a (1, D) vector)."""
-    z = torch.randn(n, generator.style_dim, generator=torch.Generator().manual_seed(seed))
-    w = generator.mapping(z)
-    mean = w.mean(0)
-    _, s, v = torch.linalg.svd(w - mean, full_matrices=False)
+def fit_directions(cfg, out_dir: Path) -> dict[str, DirectionConfig]:
+    """GANSpace on the toy generator (the library's fit, 4,096 samples) in e4e's PCA format, and its first
+    component as an InterFaceGAN-style W direction."""
+    generator, _ = build_generator(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_ganspace(GANSpacePCA(mean=mean, comp=v[:components], std=s[:components] / (n - 1) ** 0.5, source="demo"),
-                  out_dir / "pca.pt")
-    save_interfacegan(v[0:1], out_dir / "pc0.pt")
-    return out_dir / "pca.pt", out_dir / "pc0.pt"
+    fit_ganspace_to_file(generator, str(out_dir / "pca.pt"), n_samples=4096, components=8, seed=cfg.seed)
+    pca = load_ganspace(out_dir / "pca.pt", style_dim=cfg.generator.style_dim)
+    save_interfacegan(pca.comp[0:1], out_dir / "pc0.pt")
+    n = generator.n_latent
+    return {"pc0": DirectionConfig(kind="interfacegan", path=str(out_dir / "pc0.pt"), max_strength=10.0),
+            "pc1_coarse": DirectionConfig(kind="ganspace", path=str(out_dir / "pca.pt"), component=1,
+                                          layers=[0, n // 2], max_strength=10.0)}
 
 
 def serve_and_edit(cfg, checkpoint: str, directions, photo: Path, out: Path, keep_up: bool) -> dict:
@@ -109,14 +103,59 @@ def serve_and_edit(cfg, checkpoint: str, directions, photo: Path, out: Path, kee
     return result
 
 
-def run(out: Path, overrides: list[str], stage1_steps: int, stage2_steps: int, n_photos: int = 64,
-        n_pairs: int = 128, fresh: bool = False, keep_up: bool = False) -> dict:
+def prepare_data(cfg, out: Path, store: Path, n_photos: int, n_pairs: int) -> dict:
+    """Steps 1-2: a folder of photos -> image shards; the stage-1 (image, w) pairs."""
     from clcae.data.ingest import make_shards
     from clcae.data.synthesis import synthesize
+    from clcae.train.runtime import init_ray
+
+    log.info("1/5 rendering %d photos and sharding them", n_photos)
+    if not (out / "photos").exists():
+        write_photos(cfg, out / "photos", range(1_000_000, 1_000_000 + n_photos))
+    shards = make_shards(str(out / "photos"), str(store / "shards" / "train"), rows_per_shard=32, overwrite=True)
+    log.info("2/5 synthesising %d stage-1 pairs", n_pairs)
+    init_ray()
+    synthesize(cfg, str(store / "shards" / "pairs"), n=n_pairs, rows_per_shard=32)
+    return shards
+
+
+def train_both_stages(base: list[str], store: Path, stage1_steps: int, stage2_steps: int):
+    """Steps 3-4 on Ray Train; returns (stage-1 result, stage-2 result, stage-2 config)."""
+    from clcae.train.loop import fit
+
+    log.info("3/5 stage 1: contrastive alignment, %d steps", stage1_steps)
+    s1 = load_config(default_config("tiny"), [*base, f"data.pairs=[{store / 'shards' / 'pairs'}]",
+                                              f"train.max_steps={stage1_steps}", "data.batch_size=8",
+                                              f"train.checkpoint_every={stage1_steps}"])
+    r1 = fit(s1, "contrastive", "demo-s1")
+    log.info("4/5 stage 2: inversion, %d steps", stage2_steps)
+    s2 = load_config(default_config("tiny"), [
+        *base, f"data.train=[{store / 'shards' / 'train'}]", f"contrastive.checkpoint={store / 'runs' / 'demo-s1'}",
+        f"train.max_steps={stage2_steps}", f"train.checkpoint_every={stage2_steps}",
+        f"train.sample_every={max(stage2_steps // 4, 1)}"])
+    return r1, fit(s2, "inversion", "demo-s2"), s2
+
+
+def invert_and_edit(inverter, cfg, out: Path) -> tuple[str, dict[str, float]]:
+    """The grid ``input | G(w) | G(w+) | G(w+, f) | edited`` of four held-out images, and each path's MSE."""
+    photos = write_photos(cfg, out / "held_out_grid", range(2_000_000, 2_000_004))
+    size = tuple(cfg.encoder.input_size)
+    held_out = torch.stack([pil_to_tensor(decode_image(p.read_bytes()), size) for p in photos])
+    result = inverter.invert(held_out, extra_outputs=("w", "w_plus"))
+    edited = inverter.edit(result, [("pc0", 3.0), ("pc1_coarse", 2.0)])
+    paths = {"G(w)": result.extra_images["w"], "G(w+)": result.extra_images["w_plus"], "G(w+,f)": result.image}
+    rows = list(zip(*[tensor_to_pil(c) for c in (held_out, *paths.values(), edited)]))
+    grid_path = out / "grid.png"
+    image_grid(rows).resize((5 * 128, len(rows) * 128), 0).save(grid_path)
+    return str(grid_path), {k: float((v - held_out).pow(2).mean()) for k, v in paths.items()}
+
+
+def run(out: Path, overrides: list[str], stage1_steps: int, stage2_steps: int, n_photos: int = 64,
+        n_pairs: int = 128, fresh: bool = False, keep_up: bool = False) -> dict:
+    from clcae.batch import invert_to_table
     from clcae.inference import Inverter
     from clcae.pretrained import prepare
-    from clcae.train.loop import fit, resolve_checkpoint
-    from clcae.train.runtime import init_ray
+    from clcae.train.loop import resolve_checkpoint
 
     t0 = time.perf_counter()
     if fresh and out.exists():
@@ -124,59 +163,22 @@ def run(out: Path, overrides: list[str], stage1_steps: int, stage2_steps: int, n
     store = out / "store"                      # the "object store": any URI works here, s3:// included
     base = [f"train.storage_path={store / 'runs'}", *overrides]
     cfg = load_config(default_config("tiny"), base)
-    generator, _ = build_generator(cfg)
-
-    log.info("1/5 rendering %d photos and sharding them", n_photos)
-    if not (out / "photos").exists():
-        write_photos(generator, cfg, out / "photos", n_photos)
-    shards = make_shards(str(out / "photos"), str(store / "shards" / "train"), rows_per_shard=32, overwrite=True)
-    log.info("2/5 synthesising %d stage-1 pairs", n_pairs)
-    init_ray()
-    synthesize(cfg, str(store / "shards" / "pairs"), n=n_pairs, rows_per_shard=32)
-
-    log.info("3/5 stage 1: contrastive alignment, %d steps", stage1_steps)
-    s1 = load_config(default_config("tiny"), [*base, f"data.pairs=[{store / 'shards' / 'pairs'}]",
-                                                      f"train.max_steps={stage1_steps}", "data.batch_size=8",
-                                                      f"train.checkpoint_every={stage1_steps}"])
-    r1 = fit(s1, "contrastive", "demo-s1")
-    log.info("4/5 stage 2: inversion, %d steps", stage2_steps)
-    s2 = load_config(default_config("tiny"), [
-        *base, f"data.train=[{store / 'shards' / 'train'}]", f"contrastive.checkpoint={store / 'runs' / 'demo-s1'}",
-        f"train.max_steps={stage2_steps}", f"train.checkpoint_every={stage2_steps}",
-        f"train.sample_every={max(stage2_steps // 4, 1)}"])
-    r2 = fit(s2, "inversion", "demo-s2")
+    shards = prepare_data(cfg, out, store, n_photos, n_pairs)
+    r1, r2, s2 = train_both_stages(base, store, stage1_steps, stage2_steps)
 
     log.info("5/5 inverting held-out images with the trained encoder and editing them")
     checkpoint = resolve_checkpoint(str(store / "runs" / "demo-s2"), s2)
-    pca_path, pc0_path = fit_directions(generator, out / "directions", seed=cfg.seed)
-    n = generator.n_latent
-    cfg.directions = {
-        "pc0": DirectionConfig(kind="interfacegan", path=str(pc0_path), max_strength=10.0),
-        "pc1_coarse": DirectionConfig(kind="ganspace", path=str(pca_path), component=1, layers=[0, n // 2],
-                                      max_strength=10.0),
-    }
     source, s2 = prepare(checkpoint, s2)
-    s2.directions = cfg.directions
-    inverter = Inverter.load(source, s2, device="cpu")
-    held_out = render(generator, cfg, range(2_000_000, 2_000_004))
-    result = inverter.invert(held_out, extra_outputs=("w", "w_plus"))
-    edited = inverter.edit(result, [("pc0", 3.0), ("pc1_coarse", 2.0)])
-    columns = [held_out, result.extra_images["w"], result.extra_images["w_plus"], result.image, edited]
-    rows = list(zip(*[tensor_to_pil(c) for c in columns]))
-    grid_path = out / "grid.png"
-    image_grid(rows).resize((5 * 128, len(rows) * 128), 0).save(grid_path)
+    s2.directions = fit_directions(cfg, out / "directions")
+    grid, mse = invert_and_edit(Inverter.load(source, s2, device="cpu"), cfg, out)
     log.info("bulk inversion of held-out images into a latent table")
-    from clcae.batch import invert_to_table
-
     held_dir = out / "held_out"
     if not held_dir.exists():
-        write_photos_seeds(generator, cfg, held_dir, range(3_000_000, 3_000_016))
+        write_photos(cfg, held_dir, range(3_000_000, 3_000_016))
     (held_dir / "broken.png").write_bytes(b"not an image: the errors table shows it")
     table = invert_to_table(s2, [str(held_dir)], str(store / "latents"), source)
-    served = serve_and_edit(s2, checkpoint, cfg.directions, held_dir / "photo_3000000.png", out, keep_up)
-    mse = {k: float((v - held_out).pow(2).mean()) for k, v in
-           {"G(w)": columns[1], "G(w+)": columns[2], "G(w+,f)": columns[3]}.items()}
-    return {"grid": str(grid_path), "checkpoint": checkpoint, "samples": str(store / "runs" / "demo-s2" / "samples"),
+    served = serve_and_edit(s2, checkpoint, s2.directions, held_dir / "photo_3000000.png", out, keep_up)
+    return {"grid": grid, "checkpoint": checkpoint, "samples": str(store / "runs" / "demo-s2" / "samples"),
             "shards": {k: shards[k] for k in ("inputs", "written", "errors")},
             "stage1": {k: r1.metrics.get(k) for k in ("step", "loss", "accuracy")},
             "stage2": {k: r2.metrics.get(k) for k in ("step", "total")},
