@@ -212,7 +212,7 @@ def _restore(step_obj, ckpt, device: torch.device, rank: int) -> int:
     with ckpt.as_directory() as d:
         state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
     step_obj.model.load_state_dict(state["state_dict"])
-    step_obj.optimizer.load_state_dict(state["optimizer"])
+    step_obj.load_training_state(state, device)
     _restore_rng(state["rng"], rank, device)
     return int(state["step"])
 
@@ -222,7 +222,7 @@ def _save(step_obj, cfg: CLCAEConfig, stage: str, step: int, directory: str, run
     from clcae.checkpoints import save_checkpoint
 
     save_checkpoint(Path(directory) / CHECKPOINT_FILE, stage, step_obj.model, to_dict(cfg),
-                    optimizer=step_obj.optimizer.state_dict(), step=step, rng={"ranks": rng},
+                    **step_obj.training_state(), step=step, rng={"ranks": rng},
                     model_id=f"{run_name}@{step}")
     # the driver checks a resume against this instead of downloading the checkpoint
     (Path(directory) / CHECKPOINT_META).write_text(json.dumps({"kind": stage, "step": step, "config": to_dict(cfg)}))
@@ -269,7 +269,6 @@ def random_hflip(images: torch.Tensor) -> torch.Tensor:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     import ray.train
     import ray.train.torch
-    from torch.nn.parallel import DistributedDataParallel
 
     cfg = from_dict(loop_config["config"])
     stage, run_name = loop_config["stage"], loop_config["run_name"]
@@ -286,8 +285,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     if ckpt is not None:
         log.info("rank %d resumed %s at step %d", rank, run_name, step)
     if world > 1:
-        step_obj.net = DistributedDataParallel(step_obj.model, broadcast_buffers=False,
-                                               device_ids=[device.index] if device.type == "cuda" else None)
+        step_obj.distribute(device)
 
     t = cfg.train
     shard = ray.train.get_dataset_shard("train")

@@ -73,8 +73,15 @@ class MixedPrecision:
     def autocast(self, device: torch.device) -> Any:
         return autocast_context(self.precision, device)
 
-    def state(self) -> dict[str, Any]:
-        return {"grad_scaler": self.scaler} if self.scaler is not None else {}
+    def state_dict(self) -> dict[str, Any]:
+        """The GradScaler's scale and growth tracker (fp16 only): a resumed run continues with the scale it had
+        instead of re-learning it from 2**16 over the first steps."""
+        return {"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        if self.precision == "fp16" and state.get("grad_scaler"):
+            self.scaler = torch.amp.GradScaler(device.type)
+            self.scaler.load_state_dict(state["grad_scaler"])
 
     def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip: tuple[Iterable[nn.Parameter], float]
              | None = None) -> None:
@@ -95,7 +102,31 @@ class MixedPrecision:
         self.scaler.update()
 
 
-class ContrastiveStep:
+class TrainStep:
+    """What the Ray Train loop needs of a stage's step besides calling it: the trainable model, DDP wrapping,
+    and the training state a checkpoint carries beside the weights (optimiser, loss scaler)."""
+
+    model: nn.Module
+    net: nn.Module  # what forward goes through: the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    amp: MixedPrecision
+
+    def distribute(self, device: torch.device) -> None:
+        """Wrap the model in DistributedDataParallel (call once the process group is up, world size > 1)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.net = DistributedDataParallel(self.model, broadcast_buffers=False,
+                                           device_ids=[device.index] if device.type == "cuda" else None)
+
+    def training_state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), **self.amp.state_dict()}
+
+    def load_training_state(self, state: dict[str, Any], device: torch.device) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.amp.load_state_dict(state, device)
+
+
+class ContrastiveStep(TrainStep):
     def __init__(self, cfg: CLCAEConfig, aligner: ContrastiveAligner):
         self.cfg, self.aligner = cfg, aligner
         self.model = aligner
@@ -107,9 +138,6 @@ class ContrastiveStep:
         else:
             self.optimizer = ranger(params, cfg, lr=c.lr)
         self.amp = MixedPrecision(cfg.train.precision)
-
-    def modules(self) -> dict[str, Any]:
-        return {"model": self.aligner, "optimizer": self.optimizer, **self.amp.state()}
 
     def to(self, device: torch.device) -> ContrastiveStep:
         self.aligner.to(device)
@@ -135,7 +163,7 @@ class ContrastiveStep:
         return {"loss": loss.item(), "logit_scale": scale.item(), "accuracy": acc.item()}
 
 
-class InversionStep:
+class InversionStep(TrainStep):
     def __init__(self, cfg: CLCAEConfig, model: CLCAE, aligner: ContrastiveAligner | None = None):
         self.cfg, self.model = cfg, model
         self.net: nn.Module = model  # what forward goes through: the model, or its DDP wrapper
@@ -151,9 +179,6 @@ class InversionStep:
 
     def _align(self, images: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return self.aligner.loss(images, w)
-
-    def modules(self) -> dict[str, Any]:
-        return {"model": self.model, "optimizer": self.optimizer, **self.amp.state()}
 
     def to(self, device: torch.device) -> InversionStep:
         self.model.to(device)
