@@ -15,7 +15,9 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from clcae.config import ConfigError
 from clcae.official import OFFICIAL, OfficialFile
+from clcae.pretrained import export
 from clcae.weights import WeightsError, read_state, sha256_of
 
 log = logging.getLogger("clcae")
@@ -102,9 +104,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Any model (registry name, the authors' file, our checkpoint or run directory) -> one .safetensors file:
     weights + model-only config, no optimiser state, no training paths, no direction files."""
-    from clcae.config import ConfigError
-    from clcae.pretrained import export
-
     if not str(args.out).endswith(".safetensors"):
         print(f"error: {args.out}: the exported model is a .safetensors file; name it *.safetensors", file=sys.stderr)
         return 2

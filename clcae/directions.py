@@ -45,10 +45,13 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import torch
 
+from clcae.checkpoints import CHECKPOINT_FORMAT
 from clcae.config import CLCAEConfig, StorageConfig
 from clcae.data import storage as st
-from clcae.editing import GANSpacePCA
+from clcae.editing import GANSpacePCA, load_ganspace, load_interfacegan, save_ganspace, save_interfacegan
 from clcae.errors import CLCAEError
+from clcae.factory import build_generator
+from clcae.weights import WeightsError, load_generator, load_into, read_state
 
 log = logging.getLogger(__name__)
 
@@ -465,10 +468,6 @@ def _label_array(column: pa.ChunkedArray, name: str, uri: str) -> np.ndarray:
 def generator_for(cfg: CLCAEConfig, checkpoint: str | None = None) -> torch.nn.Module:
     """The generator to sample from: ``checkpoint`` may be a rosinality ``.pt`` (``g_ema``) or our stage-2
     checkpoint (its ``decoder.*``); without one, ``generator.checkpoint`` or the config's seeded random init."""
-    from clcae.checkpoints import CHECKPOINT_FORMAT
-    from clcae.factory import build_generator
-    from clcae.weights import WeightsError, load_generator, load_into, read_state
-
     if checkpoint is None:
         return build_generator(cfg)[0]
     ckpt = read_state(checkpoint)
@@ -490,8 +489,6 @@ def generator_for(cfg: CLCAEConfig, checkpoint: str | None = None) -> torch.nn.M
 def fit_ganspace_to_file(generator: torch.nn.Module, out: str, n_samples: int = 100_000,
                          components: int | None = None, seed: int = 0, batch: int = 10_000) -> dict[str, Any]:
     """Fit, write e4e's PCA file to ``out`` (any URI) and check it loads back; returns the summary."""
-    from clcae.editing import load_ganspace, save_ganspace
-
     pca, report = fit_ganspace_report(generator, n_samples, components, seed, batch)
     save_ganspace(pca, out)
     load_ganspace(out, style_dim=pca.style_dim)
@@ -508,8 +505,6 @@ def fit_interfacegan_to_file(latent_uri: str, label_uri: str | None, label_colum
     ``space="w"`` writes a (1, D) tensor. ``space="w_plus"`` fits on flattened w+ and writes the unit normal as a
     (1, L, D) tensor; note that the platform's InterFaceGAN edit acts on w, so it uses that file's layer 0 only.
     """
-    from clcae.editing import load_interfacegan, save_interfacegan
-
     x, y, info = read_labelled_latents(latent_uri, label_uri, label_column, storage, space)
     direction, stats = fit_interfacegan(x.reshape(len(x), -1), y, **fit_kwargs)
     vector = torch.from_numpy(direction)

@@ -39,6 +39,7 @@ from PIL import Image
 from clcae.config import StorageConfig
 from clcae.data import storage as st
 from clcae.data.images import IMAGE_SUFFIXES, InputError, check_min_size, decode_input_image
+from clcae.data.shards import validate_shards
 from clcae.errors import CLCAEError
 from clcae.inference import Inverter
 from clcae.losses import IDLoss
@@ -92,8 +93,6 @@ def read_images(uri: str, storage: StorageConfig | None = None) -> Iterator[tupl
                               f"Parquet file(s) (e.g. {shards[0]}): an input is either image shards or images; "
                               "move the Parquet file(s) out, or point --input at the shards or the images alone")
     if shards:
-        from clcae.data.shards import validate_shards
-
         yield from _read_shards(validate_shards(uri, storage), storage)
         return
     if len(images) < len(files):

@@ -10,12 +10,15 @@ from collections.abc import Iterator
 
 import torch
 
-from clcae.config import CLCAEConfig, n_latent
+from clcae.config import CLCAEConfig, StorageConfig, n_latent
+from clcae.data.images import InputError, decode_image, pil_to_tensor
+from clcae.data.storage import filesystem
 from clcae.editing import DirectionRegistry
 from clcae.models.clcae import CLCAE
 from clcae.models.contrastive import ContrastiveAligner, ImageEncoder, LatentEncoder
 from clcae.models.encoder import CLCAEEncoder, PSPEncoder
 from clcae.models.stylegan2 import Generator
+from clcae.weights import MissingWeightsError, WeightsError, load_generator, load_irse_into_encoder
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,6 @@ def build_generator(cfg: CLCAEConfig, load: bool = True) -> tuple[Generator, tor
     """The frozen generator and latent_avg (D,): from ``generator.checkpoint`` or a seeded random init."""
     g = cfg.generator
     if load and g.checkpoint:
-        from clcae.weights import load_generator
-
         with _seeded(g.init_seed):  # the noise maps an old file lacks are drawn at init: seeded, not the caller's
             return load_generator(g.checkpoint, cfg)
     with _seeded(g.init_seed):
@@ -80,14 +81,10 @@ def build_clcae(cfg: CLCAEConfig, generator: Generator | None = None, latent_avg
     with _seeded(cfg.seed):
         encoder = build_encoder(cfg, generator.feature_channels)
     if load_pretrained and cfg.encoder.pretrained:
-        from clcae.weights import load_irse_into_encoder
-
         load_irse_into_encoder(cfg.encoder.pretrained, encoder)
     crop = tuple(cfg.generator.crop) if cfg.generator.crop else None
     model = CLCAE(encoder, generator, latent_avg, crop=crop, center_input=cfg.model.center_input)
     if average_image:
-        from clcae.pretrained import set_average_image
-
         set_average_image(model, cfg)
     return model
 
@@ -106,3 +103,24 @@ def build_directions(cfg: CLCAEConfig) -> DirectionRegistry:
     spec = {name: {k: v for k, v in dataclasses.asdict(d).items() if v is not None}
             for name, d in cfg.directions.items()}
     return DirectionRegistry.from_config(spec, style_dim=cfg.generator.style_dim)
+
+
+def set_average_image(model, cfg: CLCAEConfig, stored: torch.Tensor | None = None) -> None:
+    """x_avg: the one stored with the weights, else ``model.average_image`` (a file), else G(latent_avg)."""
+    if stored is None and cfg.model.average_image:
+        stored = read_average_image(cfg.model.average_image, tuple(cfg.encoder.input_size), cfg.storage)
+    model.set_average_image(None if stored is None else stored.float())
+
+
+def read_average_image(uri: str, size: tuple[int, int], storage: StorageConfig | None = None) -> torch.Tensor:
+    """The authors' ``image_avg.png`` (or any image) -> (1, 3, H, W) in [-1, 1] at the encoder's input size."""
+    fs, path = filesystem(uri, storage)
+    try:
+        with fs.open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise MissingWeightsError(f"model.average_image = {uri}: file not found") from None
+    try:
+        return pil_to_tensor(decode_image(data), size)[None]
+    except InputError as exc:
+        raise WeightsError(f"model.average_image = {uri}: {exc}") from None

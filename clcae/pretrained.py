@@ -22,12 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 
 from clcae.checkpoints import CHECKPOINT_FORMAT
@@ -40,6 +42,10 @@ from clcae.config import (
     to_dict,
     upgrade_stored,
 )
+from clcae.data.storage import absolute, filesystem, write_bytes
+from clcae.factory import build_clcae, set_average_image
+from clcae.models.irse import BACKBONES
+from clcae.models.stylegan2 import channel_table
 from clcae.official import OFFICIAL
 from clcae.weights import (
     MissingWeightsError,
@@ -120,7 +126,6 @@ def resolve(spec: str, storage: StorageConfig | None = None) -> ModelSource:
         source.name = spec
         source.model_id = spec
         return source
-    from clcae.data.storage import absolute, filesystem
 
     fs, path = filesystem(spec, storage or StorageConfig())
     if not fs.exists(path):
@@ -144,8 +149,6 @@ def resolve(spec: str, storage: StorageConfig | None = None) -> ModelSource:
 
 def newest_checkpoint(uri: str, storage: StorageConfig | None = None) -> str:
     """A run directory -> its newest ``checkpoint_*/checkpoint.pt`` (a file URI is returned as it is)."""
-    from clcae.data.storage import filesystem
-
     fs, path = filesystem(uri, storage or StorageConfig())
     if fs.isfile(path):
         return uri
@@ -227,11 +230,6 @@ def config_from_opts(opts: Mapping[str, Any], state: Mapping[str, torch.Tensor],
 
 def _architecture(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Widths of an AFPSP state_dict, read from its tensor shapes."""
-    import re
-
-    from clcae.models.irse import BACKBONES
-    from clcae.models.stylegan2 import channel_table
-
     def indices(pattern: str) -> set[int]:
         return {int(m.group(1)) for k in state if (m := re.fullmatch(pattern, k))}
 
@@ -280,8 +278,6 @@ def _generator_for(opts: Mapping[str, Any], uri: str) -> str | None:
 # ------------------------------------------------------------------------------------------------ exports
 def _read_safetensors_header(uri: str, storage: StorageConfig | None) -> dict[str, Any]:
     """The JSON header of a .safetensors file (8-byte length, then JSON): metadata without the weights."""
-    from clcae.data.storage import filesystem
-
     fs, path = filesystem(uri, storage)
     try:
         with fs.open(path, "rb") as fh:
@@ -305,16 +301,14 @@ def _resolve_export(uri: str, storage: StorageConfig | None) -> ModelSource:
 
 
 def _read_export(uri: str, storage: StorageConfig | None) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load, load_file
 
     local = local_path(uri)
     if local is not None:
-        return load_file(local)
-    from clcae.data.storage import filesystem
+        return safetensors.torch.load_file(local)
 
     fs, path = filesystem(uri, storage)
     with fs.open(path, "rb") as fh:
-        return load(fh.read())
+        return safetensors.torch.load(fh.read())
 
 
 # ------------------------------------------------------------------------------------------------ the merge
@@ -350,8 +344,6 @@ def check_files(source: ModelSource, cfg: CLCAEConfig) -> None:
 
 
 def _must_exist(uri: str, key: str, storage: StorageConfig) -> None:
-    from clcae.data.storage import filesystem
-
     fs, path = filesystem(uri, storage)
     if not fs.isfile(path):
         raise MissingWeightsError(f"{key} = {uri}: file not found")
@@ -360,7 +352,6 @@ def _must_exist(uri: str, key: str, storage: StorageConfig) -> None:
 # ------------------------------------------------------------------------------------------------ loading
 def load(source: ModelSource, cfg: CLCAEConfig):
     """Build the CLCAE network of ``cfg`` and load ``source``'s weights into it (one read of the file)."""
-    from clcae.factory import build_clcae
 
     payload, source.payload = source.payload, None  # used once; do not keep a second copy alive
     if source.kind == "export":
@@ -399,36 +390,11 @@ def load(source: ModelSource, cfg: CLCAEConfig):
     return model
 
 
-def set_average_image(model, cfg: CLCAEConfig, stored: torch.Tensor | None = None) -> None:
-    """x_avg: the one stored with the weights, else ``model.average_image`` (a file), else G(latent_avg)."""
-    if stored is None and cfg.model.average_image:
-        stored = read_average_image(cfg.model.average_image, tuple(cfg.encoder.input_size), cfg.storage)
-    model.set_average_image(None if stored is None else stored.float())
-
-
-def read_average_image(uri: str, size: tuple[int, int], storage: StorageConfig | None = None) -> torch.Tensor:
-    """The authors' ``image_avg.png`` (or any image) -> (1, 3, H, W) in [-1, 1] at the encoder's input size."""
-    from clcae.data.images import InputError, decode_image, pil_to_tensor
-    from clcae.data.storage import filesystem
-
-    fs, path = filesystem(uri, storage)
-    try:
-        with fs.open(path, "rb") as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        raise MissingWeightsError(f"model.average_image = {uri}: file not found") from None
-    try:
-        return pil_to_tensor(decode_image(data), size)[None]
-    except InputError as exc:
-        raise WeightsError(f"model.average_image = {uri}: {exc}") from None
-
-
 # ------------------------------------------------------------------------------------------------ export
 def export(spec: str | ModelSource, out: str, dtype: str = "fp32", storage: StorageConfig | None = None,
            overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Write ``spec``'s model as one .safetensors file: the weights (fp32, or fp16 on request), x_avg, and the
     model-only config (no optimiser, no training paths, no direction files) in its metadata."""
-    from safetensors.torch import save
 
     if dtype not in ("fp32", "fp16"):
         raise ConfigError(f"export dtype {dtype!r}: choose fp32 or fp16")
@@ -445,8 +411,7 @@ def export(spec: str | ModelSource, out: str, dtype: str = "fp32", storage: Stor
     config["name"] = cfg.name
     meta = {"format": EXPORT_FORMAT, "config": json.dumps(config), "model_id": source.model_id, "dtype": dtype,
             "source": source.name}
-    data = save(tensors, metadata=meta)
-    from clcae.data.storage import write_bytes
+    data = safetensors.torch.save(tensors, metadata=meta)
 
     write_bytes(out, data, storage)
     return {"out": out, "bytes": len(data), "model_id": source.model_id, "dtype": dtype, "tensors": len(tensors)}

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from clcae.errors import CLCAEError
+from clcae.models.stylegan2 import Generator
 from clcae.official import where_from
 
 log = logging.getLogger(__name__)
@@ -145,8 +146,6 @@ def save_rosinality(path: str | os.PathLike, generator: nn.Module, latent_avg: t
 
 def load_generator(path: str, cfg: Any):
     """A rosinality ``.pt`` -> (Generator, latent_avg (D,)) for ``cfg.generator``'s architecture."""
-    from clcae.models.stylegan2 import Generator
-
     g = cfg.generator
     ckpt = read_state(path)
     if not isinstance(ckpt, Mapping) or "g_ema" not in ckpt:

@@ -23,8 +23,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 from clcae.config import CLCAEConfig, from_dict, to_dict
+from clcae.data.shards import shard_schema
+from clcae.data.storage import check_access, list_files, write_bytes
+from clcae.device import pick_device
+from clcae.factory import build_generator
+from clcae.models.clcae import crop_and_pool
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +54,6 @@ def plan(start_seed: int, n: int, rows_per_shard: int) -> list[tuple[int, int]]:
 
 
 def existing(out_uri: str, cfg: CLCAEConfig) -> set[tuple[int, int]]:
-    from clcae.data.storage import list_files
-
     done = set()
     for uri in list_files(out_uri, cfg.storage):
         m = SHARD_RE.search(uri)
@@ -62,9 +66,6 @@ class PairGenerator:
     """Ray Data actor: builds the generator once, then turns shard descriptors into shard files."""
 
     def __init__(self, config: dict[str, Any], out_uri: str, device: str = "auto"):
-        from clcae.device import pick_device
-        from clcae.factory import build_generator
-
         self.cfg = from_dict(config)
         self.device = pick_device(device)
         self.generator = build_generator(self.cfg)[0].to(self.device).eval()
@@ -72,10 +73,6 @@ class PairGenerator:
 
     @torch.inference_mode()
     def render(self, seeds: list[int]) -> tuple[np.ndarray, list[bytes], tuple[int, int]]:
-        from PIL import Image
-
-        from clcae.models.clcae import crop_and_pool
-
         g = self.generator
         w = g.mapping(seed_z(seeds, g.style_dim).to(self.device))
         crop = tuple(self.cfg.generator.crop) if self.cfg.generator.crop else None
@@ -89,9 +86,6 @@ class PairGenerator:
         return w.float().cpu().numpy(), pngs, arr.shape[1:3]
 
     def write_shard(self, first: int, last: int) -> int:
-        from clcae.data.shards import shard_schema
-        from clcae.data.storage import write_bytes
-
         seeds = list(range(first, last + 1))
         ws, pngs = [], []
         for i in range(0, len(seeds), CHUNK):
@@ -126,7 +120,6 @@ def synthesize(cfg: CLCAEConfig, out_uri: str, n: int | None = None, start_seed:
     import ray
 
     n = cfg.data.num_synthetic if n is None else n
-    from clcae.data.storage import check_access
 
     check_access(out_uri, cfg.storage, write=True)
     todo = [r for r in plan(start_seed, n, rows_per_shard) if r not in existing(out_uri, cfg)]

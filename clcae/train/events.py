@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from clcae.config import StorageConfig
+from clcae.data.storage import filesystem, is_local, join
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -39,8 +40,6 @@ UPLOAD_EVERY_S = 120.0  # object storage: at most this long between uploads, bes
 
 class EventLog:
     def __init__(self, run_uri: str, storage: StorageConfig | None = None, resumed_step: int | None = None):
-        from clcae.data.storage import filesystem, is_local, join
-
         self.storage = storage
         self.remote = None if is_local(run_uri) else join(run_uri, EVENTS_DIR)
         self.folder = (tempfile.mkdtemp(prefix="clcae-events-") if self.remote
@@ -88,8 +87,6 @@ class EventLog:
         self._upload()
 
     def _upload(self) -> None:
-        from clcae.data.storage import filesystem, join
-
         fs, _ = filesystem(self.remote, self.storage)
         for local in sorted(Path(self.folder).glob("events.out.tfevents.*")):
             target = filesystem(join(self.remote, local.name), self.storage)[1]

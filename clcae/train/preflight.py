@@ -21,9 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 from fsspec.core import split_protocol
 
+from clcae.checkpoints import read_checkpoint
 from clcae.config import CLCAEConfig, StorageConfig
+from clcae.data.storage import exists, filesystem, join, storage_errors, with_protocol
 from clcae.errors import CLCAEError
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ ARCHITECTURE_KEYS = (
     "generator.channel_max", "encoder.backbone", "encoder.input_size", "model.variant", "model.w_attention",
     "model.f_attention", "model.attention_heads", "model.attention_ffn", "model.attention_tokens",
 )
+
 CONTRASTIVE_KEYS = ("contrastive.layers", "contrastive.heads", "contrastive.ffn", "contrastive.projection_dim",
                     "contrastive.optimizer")
 
@@ -99,8 +103,6 @@ def files_workers_open(cfg: CLCAEConfig, stage: str, resuming: bool) -> list[tup
 
 
 def check_files(cfg: CLCAEConfig, stage: str, resuming: bool) -> None:
-    from clcae.data.storage import exists
-
     missing = [f"{key} = {uri}" for key, uri in files_workers_open(cfg, stage, resuming)
                if not exists(uri, cfg.storage)]
     if missing:
@@ -111,9 +113,6 @@ def check_files(cfg: CLCAEConfig, stage: str, resuming: bool) -> None:
 # ---------------------------------------------------------------------------------------------------- data
 def count_rows(files: Sequence[str], storage: StorageConfig) -> int:
     """Rows in Parquet shards, from their footers (one small read per file, in parallel)."""
-    import pyarrow.parquet as pq
-
-    from clcae.data.storage import filesystem, storage_errors
 
     def rows(uri: str) -> int:
         fs, path = filesystem(uri, storage)
@@ -139,8 +138,6 @@ def check_batches(cfg: CLCAEConfig, rows: int, key: str) -> None:
 # ---------------------------------------------------------------------------------------------------- resume
 def newest_checkpoint(run_uri: str, storage: StorageConfig) -> str | None:
     """URI of the newest ``checkpoint_*/`` directory holding a checkpoint.pt in a run, or None."""
-    from clcae.data.storage import filesystem, storage_errors, with_protocol
-
     fs, path = filesystem(run_uri, storage)
     with storage_errors(run_uri, storage):
         found = sorted(fs.glob(f"{path.rstrip('/')}/checkpoint_*/{CHECKPOINT_FILE}"))
@@ -150,15 +147,12 @@ def newest_checkpoint(run_uri: str, storage: StorageConfig) -> str | None:
 def checkpoint_meta(checkpoint_dir: str, storage: StorageConfig) -> dict[str, Any]:
     """{"kind", "step", "config"} of a checkpoint directory: its small sidecar, or (checkpoints written before
     the sidecar existed) the checkpoint itself."""
-    from clcae.data.storage import filesystem, join, storage_errors
-
     meta = join(checkpoint_dir, CHECKPOINT_META)
     fs, path = filesystem(meta, storage)
     with storage_errors(meta, storage):
         if fs.exists(path):
             with fs.open(path, "rb") as fh:
                 return json.load(fh)
-    from clcae.checkpoints import read_checkpoint
 
     ckpt = read_checkpoint(join(checkpoint_dir, CHECKPOINT_FILE))
     return {"kind": ckpt.get("kind"), "step": ckpt.get("step"), "config": ckpt.get("config", {})}

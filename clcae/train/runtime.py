@@ -27,12 +27,16 @@ Every knob is Ray's own, set here and nowhere else:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 log = logging.getLogger("clcae")
 
@@ -68,11 +72,6 @@ DATA_LOGGING: dict = {
 def data_logging_config() -> str:
     """The path of :data:`DATA_LOGGING` as a YAML file (Ray Data reads a file): one per content, in the temp
     folder, so every job and every Ray worker started from it reads the same file."""
-    import hashlib
-    import tempfile
-
-    import yaml
-
     text = yaml.safe_dump(DATA_LOGGING, sort_keys=False)
     path = Path(tempfile.gettempdir()) / f"clcae-ray-data-logging-{hashlib.sha1(text.encode()).hexdigest()[:10]}.yaml"
     if not path.exists() or path.read_text() != text:
