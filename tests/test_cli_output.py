@@ -146,6 +146,7 @@ def test_user_errors_keep_their_builtin_bases():
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # starts its own local Ray
 def test_a_real_job_prints_a_few_lines_without_ray_internals(tmp_path):
     """jobs/invert.py on 3 tiny images, as a user runs it (a subprocess that starts its own local Ray)."""
     from PIL import Image
