@@ -158,12 +158,7 @@ def evaluate(inverter: Inverter, images: Iterable[tuple[str, ImageLike]],
     ``id_weights=None`` leaves it random (flagged in ``setup``). Returns a JSON-ready dict (see
     :func:`write_report`); ``per_image`` holds every image's values.
     """
-    if batch_size < 1:
-        raise EvaluationError(f"batch_size = {batch_size}: must be >= 1")
-    if limit is not None and limit < 1:
-        raise EvaluationError(f"limit = {limit}: must be >= 1 (or None for all images)")
-    if id_network not in ("arcface", "moco", "none"):
-        raise EvaluationError(f"id_network must be 'arcface', 'moco' or 'none', got {id_network!r}")
+    _check_settings(batch_size, limit, id_network)
     edits = _edits(edit)
     for name, strength in edits:  # an unknown direction or a strength out of range fails before any work
         inverter.directions.check_strength(name, strength)
@@ -185,23 +180,8 @@ def evaluate(inverter: Inverter, images: Iterable[tuple[str, ImageLike]],
         start = _now(device)
         inv = inverter.invert(x, extra_outputs=("w", "w_plus"))
         metric_times.append((_now(device) - start) / len(keys))
-        target = x.to(device)
-        rows = [{"key": k} for k in keys]
-        # identity embeddings are computed once per image and reused across comparisons (= id_similarity)
-        embed = _Embeddings(id_net)
-        for column, (output, _) in COLUMNS.items():
-            image = inv.image if output == "f" else inv.extra_images[output]
-            values = suite.per_image(image, target)
-            if id_net is not None:
-                values["id"] = embed.similarity(target, image, output)
-            for name, v in values.items():
-                for row, value in zip(rows, v.double().cpu().tolist()):
-                    row[f"{column}.{name}"] = value
-        if edits and id_net is not None:
-            edited = inverter.edit(inv, edits)
-            for row, value in zip(rows, embed.similarity(inv.image, edited, None, "f").double().cpu().tolist()):
-                row["CLCAE.id_after_edit"] = value
-        per_image += rows
+        edited = inverter.edit(inv, edits) if edits and id_net is not None else None
+        per_image += _rows(keys, x.to(device), inv, suite, id_net, edited)
         if (n_batch + 1) % 50 == 0:
             log.info("evaluated %d images", len(per_image))
     if not per_image:
@@ -220,6 +200,36 @@ def evaluate(inverter: Inverter, images: Iterable[tuple[str, ImageLike]],
                         id_backbone, edits),
         "per_image": per_image,
     }
+
+
+def _check_settings(batch_size: int, limit: int | None, id_network: str) -> None:
+    if batch_size < 1:
+        raise EvaluationError(f"batch_size = {batch_size}: must be >= 1")
+    if limit is not None and limit < 1:
+        raise EvaluationError(f"limit = {limit}: must be >= 1 (or None for all images)")
+    if id_network not in ("arcface", "moco", "none"):
+        raise EvaluationError(f"id_network must be 'arcface', 'moco' or 'none', got {id_network!r}")
+
+
+def _rows(keys: list[str], target: torch.Tensor, inv: Any, suite: MetricSuite, id_net: IDLoss | None,
+          edited: torch.Tensor | None) -> list[dict[str, Any]]:
+    """One batch's per-image values: every metric of each output column against the input, and the ID that
+    the ``edited`` images keep (when an ID network is on)."""
+    rows: list[dict[str, Any]] = [{"key": k} for k in keys]
+    # identity embeddings are computed once per image and reused across comparisons (= id_similarity)
+    embed = _Embeddings(id_net)
+    for column, (output, _) in COLUMNS.items():
+        image = inv.image if output == "f" else inv.extra_images[output]
+        values = suite.per_image(image, target)
+        if id_net is not None:
+            values["id"] = embed.similarity(target, image, output)
+        for name, v in values.items():
+            for row, value in zip(rows, v.double().cpu().tolist()):
+                row[f"{column}.{name}"] = value
+    if edited is not None and id_net is not None:
+        for row, value in zip(rows, embed.similarity(inv.image, edited, None, "f").double().cpu().tolist()):
+            row["CLCAE.id_after_edit"] = value
+    return rows
 
 
 class _Embeddings:
