@@ -507,7 +507,6 @@ def run(s: Settings, out: Path, quick: bool) -> dict:
     splits = make_splits(reference, s)
     directions = write_directions(base.generator.style_dim, s.n_directions, out / "directions")
     dirs = torch.stack([torch.load(d.path, weights_only=True)[0] for d in directions.values()])
-    names = list(directions)
     truth = {k: truth_edits(reference, sp, dirs, s.strengths) for k, sp in splits.items()}
     timings["test_data_s"] = round(time.perf_counter() - t, 1)
     saturated = float((render(reference, splits["on_manifold"].w_plus).abs() > 1).float().mean())
@@ -522,23 +521,8 @@ def run(s: Settings, out: Path, quick: bool) -> dict:
         training[seed] = train_seed(s, store, seed, timings)
         timings[f"seed{seed}/training_s"] = round(time.perf_counter() - t, 1)
         t, cpu = time.perf_counter(), time.process_time()
-        scores: dict = {}
-        for name in s.runs:
-            model, inverter = load_run(training[seed][name]["checkpoint"], directions)
-            for split, sp in splits.items():
-                inv = invert_split(model, inverter, sp, dirs, names, s.strengths, s.eval_batch)
-                for output in inv.images:
-                    scores.setdefault(name, {}).setdefault(output, {})[split] = score(
-                        suite, inv.images[output], inv.latents[output], inv.edits[output], sp, truth[split])
-        for split, sp in splits.items():  # references: no inversion (latent_avg) and the true latent
-            avg = latent_avg.expand_as(sp.w_plus[:, 0])
-            avg_plus = reference.decoder.broadcast(avg)
-            ref_edits = [[render(reference, avg_plus + a * d) for a in s.strengths] for d in dirs]
-            scores.setdefault("ref_avg", {}).setdefault("w_plus", {})[split] = score(
-                suite, render(reference, avg_plus), avg_plus, ref_edits, sp, truth[split])
-            scores.setdefault("ref_oracle", {}).setdefault("w_plus", {})[split] = score(
-                suite, render(reference, sp.w_plus), sp.w_plus, None, sp, truth[split])
-        per_seed[seed] = scores
+        per_seed[seed] = scores = score_seed(s, training[seed], directions, splits, truth, suite, reference,
+                                             latent_avg)
         timings[f"seed{seed}/evaluation_s"] = round(time.perf_counter() - t, 1)
         timings[f"seed{seed}/evaluation_cpu_s"] = round(time.process_time() - cpu, 1)
         log.info("seed %d done: %s", seed, json.dumps(_headline(scores)))
@@ -559,6 +543,30 @@ def run(s: Settings, out: Path, quick: bool) -> dict:
         "notes": NOTES,
     }
     return result
+
+
+def score_seed(s: Settings, runs: dict, directions: dict, splits: dict, truth: dict, suite: MetricSuite,
+               reference: torch.nn.Module, latent_avg: torch.Tensor) -> dict:
+    """Scores of every trained run of one seed on every split, and of the two references: no inversion
+    (latent_avg) and the true latent."""
+    dirs = torch.stack([torch.load(d.path, weights_only=True)[0] for d in directions.values()])
+    names = list(directions)
+    scores: dict = {}
+    for name in s.runs:
+        model, inverter = load_run(runs[name]["checkpoint"], directions)
+        for split, sp in splits.items():
+            inv = invert_split(model, inverter, sp, dirs, names, s.strengths, s.eval_batch)
+            for output in inv.images:
+                scores.setdefault(name, {}).setdefault(output, {})[split] = score(
+                    suite, inv.images[output], inv.latents[output], inv.edits[output], sp, truth[split])
+    for split, sp in splits.items():
+        avg_plus = reference.decoder.broadcast(latent_avg.expand_as(sp.w_plus[:, 0]))
+        ref_edits = [[render(reference, avg_plus + a * d) for a in s.strengths] for d in dirs]
+        scores.setdefault("ref_avg", {}).setdefault("w_plus", {})[split] = score(
+            suite, render(reference, avg_plus), avg_plus, ref_edits, sp, truth[split])
+        scores.setdefault("ref_oracle", {}).setdefault("w_plus", {})[split] = score(
+            suite, render(reference, sp.w_plus), sp.w_plus, None, sp, truth[split])
+    return scores
 
 
 def _headline(scores: dict) -> dict:

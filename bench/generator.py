@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import reference_generator  # noqa: E402
 
+from bench.report import emit  # noqa: E402
 from clcae.device import autocast_context  # noqa: E402
 from clcae.models.stylegan2 import Generator  # noqa: E402
 
@@ -234,13 +235,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     if k in c} for n, c in entry["cases"].items()}), file=sys.stderr, flush=True)
         del g
     report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-        args.out.with_suffix(".md").write_text(to_markdown(report))
-    else:
-        print(text)
+    emit(report, args.out, markdown=to_markdown(report))
     return report
 
 

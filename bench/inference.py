@@ -267,7 +267,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = pick_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch; use --device cpu or auto")
-    report: dict[str, Any] = {
+    report = report_header(args, device)
+    start = time.perf_counter()
+    report["matmul_peak"] = matmul_peak(device) if args.peak else None
+    if report["matmul_peak"]:
+        print(f"[bench] matmul peak {report['matmul_peak']}", file=sys.stderr, flush=True)
+    for size in args.sizes:
+        cfg = bench_config(args.config, size, args.set)
+        inverter, psp = build_models(cfg, device)
+        report["input_size"] = list(inverter.input_size)
+        if args.flops:
+            # Batch 1 (FLOPs scale linearly with batch); a second opinion on the ratio that load cannot move.
+            fns = {k: v for k, v in case_functions(inverter, psp, 1, device).items() if k in args.cases}
+            report["flops"][str(size)] = flop_summary(fns)
+        for batch in args.batches:
+            report["results"].append(time_group(inverter, psp, size, batch, args, device))
+        del inverter, psp
+    report["target"] = target_summary(report["results"])
+    if report["matmul_peak"]:
+        # Measured again at the end: on a shared machine the first figure can be low; the ceiling is the higher.
+        end = matmul_peak(device)
+        first = report["matmul_peak"]
+        report["matmul_peak"] = {**(end if end["gflops"] > first["gflops"] else first),
+                                 "gflops_at_start": first["gflops"], "gflops_at_end": end["gflops"]}
+    for entry in report["results"]:
+        peak = report["matmul_peak"]["gflops"] if report["matmul_peak"] else None
+        throughput(entry, report["flops"].get(str(entry["size"]), {}), peak)
+    report["total_wall_s"] = round(time.perf_counter() - start, 1)
+    if hasattr(os, "getloadavg"):
+        report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return report
+
+
+def report_header(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    return {
         "benchmark": "bench/inference.py",
         **machine(device),
         "config": str(args.config),
@@ -284,58 +317,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "flops": {},
         "results": [],
     }
-    start = time.perf_counter()
-    report["matmul_peak"] = matmul_peak(device) if args.peak else None
-    if report["matmul_peak"]:
-        print(f"[bench] matmul peak {report['matmul_peak']}", file=sys.stderr, flush=True)
-    for size in args.sizes:
-        cfg = bench_config(args.config, size, args.set)
-        inverter, psp = build_models(cfg, device)
-        report["input_size"] = list(inverter.input_size)
-        if args.flops:
-            # Batch 1 (FLOPs scale linearly with batch); a second opinion on the ratio that load cannot move.
-            fns = {k: v for k, v in case_functions(inverter, psp, 1, device).items() if k in args.cases}
-            report["flops"][str(size)] = flop_summary(fns)
-        for batch in args.batches:
-            cases = [c for c in args.cases if c != "clcae_train_forward" or batch in args.train_forward_batches]
-            fns = {k: v for k, v in case_functions(inverter, psp, batch, device).items() if k in cases}
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
-            warm, times = run_group(fns, device, args.warmup, args.repeats, (args.budget_s or float("inf")) * 1e3)
-            repeats = len(next(iter(times.values())))
-            entry: dict[str, Any] = {
-                "size": size, "batch": batch, "n_latent": inverter.model.decoder.n_latent,
-                "warmup": args.warmup, "repeats": repeats, "group_wall_s": round(time.perf_counter() - t0, 1),
-                "cases": {k: {**summarise(v, batch), "warmup_calls_ms": [round(t, 2) for t in warm[k]]}
-                          for k, v in times.items()},
-                "ratios": ratios(times),
-                "peak_rss_mb_so_far": peak_rss_mb(),
-            }
-            if repeats < args.repeats:
-                entry["note"] = (f"repeats reduced from {args.repeats} to {repeats}: {args.repeats} rounds would "
-                                 f"exceed the {args.budget_s:g} s budget for the timed rounds of one group")
-            if device.type == "cuda":
-                entry["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-            report["results"].append(entry)
-            print(f"[bench] size {size} batch {batch}: " + ", ".join(
-                f"{k} {v['ms_per_image_median']:.1f} ms/img" for k, v in entry["cases"].items())
-                  + f"; ratios {entry['ratios']}", file=sys.stderr, flush=True)
-        del inverter, psp
-    report["target"] = target_summary(report["results"])
-    if report["matmul_peak"]:
-        # Measured again at the end: on a shared machine the first figure can be low; the ceiling is the higher.
-        end = matmul_peak(device)
-        first = report["matmul_peak"]
-        report["matmul_peak"] = {**(end if end["gflops"] > first["gflops"] else first),
-                                 "gflops_at_start": first["gflops"], "gflops_at_end": end["gflops"]}
-    for entry in report["results"]:
-        peak = report["matmul_peak"]["gflops"] if report["matmul_peak"] else None
-        throughput(entry, report["flops"].get(str(entry["size"]), {}), peak)
-    report["total_wall_s"] = round(time.perf_counter() - start, 1)
-    if hasattr(os, "getloadavg"):
-        report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    return report
+
+
+def time_group(inverter: Inverter, psp: Any, size: int, batch: int, args: argparse.Namespace,
+               device: torch.device) -> dict[str, Any]:
+    """Every case at one (size, batch), interleaved: the entry of the report's ``results``."""
+    cases = [c for c in args.cases if c != "clcae_train_forward" or batch in args.train_forward_batches]
+    fns = {k: v for k, v in case_functions(inverter, psp, batch, device).items() if k in cases}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    warm, times = run_group(fns, device, args.warmup, args.repeats, (args.budget_s or float("inf")) * 1e3)
+    repeats = len(next(iter(times.values())))
+    entry: dict[str, Any] = {
+        "size": size, "batch": batch, "n_latent": inverter.model.decoder.n_latent,
+        "warmup": args.warmup, "repeats": repeats, "group_wall_s": round(time.perf_counter() - t0, 1),
+        "cases": {k: {**summarise(v, batch), "warmup_calls_ms": [round(t, 2) for t in warm[k]]}
+                  for k, v in times.items()},
+        "ratios": ratios(times),
+        "peak_rss_mb_so_far": peak_rss_mb(),
+    }
+    if repeats < args.repeats:
+        entry["note"] = (f"repeats reduced from {args.repeats} to {repeats}: {args.repeats} rounds would "
+                         f"exceed the {args.budget_s:g} s budget for the timed rounds of one group")
+    if device.type == "cuda":
+        entry["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    print(f"[bench] size {size} batch {batch}: " + ", ".join(
+        f"{k} {v['ms_per_image_median']:.1f} ms/img" for k, v in entry["cases"].items())
+          + f"; ratios {entry['ratios']}", file=sys.stderr, flush=True)
+    return entry
 
 
 def target_summary(results: list[dict[str, Any]]) -> dict[str, Any]:

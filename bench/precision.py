@@ -25,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import emit  # noqa: E402
 from clcae.config import PRECISIONS, load_config  # noqa: E402
 from clcae.factory import build_clcae  # noqa: E402
 from clcae.inference import Inverter  # noqa: E402
@@ -121,12 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              | {m: {k: v[k] for k in ("time_vs_fp32", "psnr_db_image_vs_fp32")}
                                 for m, v in report["results"][-1]["modes"].items()}), file=sys.stderr, flush=True)
     report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-        args.out.with_suffix(".md").write_text(to_markdown(report))
-    print(text)
+    emit(report, args.out, markdown=to_markdown(report))
     return report
 
 
