@@ -308,9 +308,15 @@ def read_shards(uris: str | Sequence[str], storage: StorageConfig | None = None,
 
     ``read_kwargs`` go to ``read_parquet`` (e.g. ``shuffle="files"``, ``override_num_blocks``).
     """
-    import ray.data
+    return open_shards(validate_shards(uris, storage), storage, columns, **read_kwargs)
 
-    files = validate_shards(uris, storage)
+
+def open_shards(files: Sequence[str], storage: StorageConfig | None = None, columns: Sequence[str] | None = None,
+                **read_kwargs: Any) -> ray.data.Dataset:
+    """:func:`read_shards` for the file list :func:`validate_shards` returned (a job that validates with its
+    own options, e.g. ``need_w``, does not validate twice)."""
+    import ray.data  # the shard format itself does not need Ray
+
     if columns is not None:
         names = set(_read_schemas(files[:1], storage)[0].names)
         missing = [c for c in columns if c not in names]

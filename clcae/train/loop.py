@@ -355,7 +355,7 @@ def run_uri(cfg: CLCAEConfig, run_name: str) -> str:
 def build_dataset(cfg: CLCAEConfig, stage: str):
     """Validate the shards and check that every worker gets a full batch (clear errors before any worker
     starts), then a decoding Ray Dataset."""
-    from clcae.data.shards import decode_batch, read_shards, validate_shards
+    from clcae.data.shards import decode_batch, open_shards, validate_shards
     from clcae.train.preflight import check_batches, count_rows
 
     uris = cfg.data.pairs if stage == "contrastive" else cfg.data.train
@@ -366,7 +366,7 @@ def build_dataset(cfg: CLCAEConfig, stage: str):
     files = validate_shards(list(uris), cfg.storage, need_w=stage == "contrastive")
     check_batches(cfg, count_rows(files, cfg.storage), key)
     columns = ["image", "w"] if stage == "contrastive" else ["image"]
-    ds = read_shards(files, cfg.storage, columns=columns)
+    ds = open_shards(files, cfg.storage, columns=columns)
     size = tuple(cfg.encoder.input_size)
     return ds.map_batches(decode_batch, fn_kwargs={"size": size}, batch_format="numpy",
                           batch_size=cfg.data.batch_size)
