@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +11,7 @@ import torch
 import torchvision
 from torch.nn import functional as F
 
+from clcae.config import LossConfig
 from clcae.losses import (
     IDLoss,
     InversionCriterion,
@@ -212,18 +213,9 @@ def test_feature_reg_pulls_f_not_g5():
 # ---------------------------------------------------------------- criterion
 
 
-@dataclass
-class LossCfg:
-    l2: float = 1.0
-    lpips: float = 0.2
-    id: float = 0.1
-    feature_reg: float = 0.01
-    align: float = 1.0
-    lpips_net: str = "alex"
-    lpips_pretrained: bool = False
-    id_network: str = "arcface"
-    id_weights: str | None = None
-    id_backbone: str = "ir_se_tiny"
+def LossCfg(**overrides):  # noqa: N802 - reads as the config it builds
+    """The real LossConfig at test sizes: a random LPIPS trunk and the tiny IR-SE for ID (no downloads)."""
+    return LossConfig(**{"lpips_pretrained": False, "id_backbone": "ir_se_tiny", **overrides})
 
 
 class RecordingAlign:
