@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -694,13 +695,19 @@ def build(cfg: CLCAEConfig, page: str = ""):
     config["serve"]["api_key"] = serve_api_key(s)
     actor = {"num_cpus": s.cpus_per_replica, "num_gpus": 1 if s.use_gpu else 0}
     autoscaling = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                   "target_ongoing_requests": s.target_ongoing_requests}
+                   "target_ongoing_requests": s.target_ongoing_requests, "upscale_delay_s": s.upscale_delay_s,
+                   "downscale_delay_s": s.downscale_delay_s, "look_back_period_s": s.look_back_period_s,
+                   "metrics_interval_s": s.metrics_interval_s}
     backpressure = BackpressureConfig(status_code=503, retry_after_s=1)
     model_opts = dict(ray_actor_options=actor, max_ongoing_requests=s.max_ongoing_requests,
                       max_queued_requests=s.max_queued_requests, autoscaling_config=autoscaling,
-                      backpressure_config=backpressure, health_check_period_s=10)
-    inverter = InvertModel.options(**model_opts).bind(config, source)
-    editor = EditModel.options(**model_opts).bind(config, source)
+                      backpressure_config=backpressure, health_check_period_s=s.health_check_period_s)
+    with warnings.catch_warnings():
+        # Ray 2.60 marks metrics_interval_s deprecated (for environment variables it does not read yet), but it is
+        # still what sets how often the handles report load: the only way to react in seconds, not tens of them.
+        warnings.filterwarnings("ignore", "The `metrics_interval_s` field", DeprecationWarning)
+        inverter = InvertModel.options(**model_opts).bind(config, source)
+        editor = EditModel.options(**model_opts).bind(config, source)
     return Api.options(ray_actor_options={"num_cpus": min(0.5, s.cpus_per_replica)}, **ingress_limits(s),
                        backpressure_config=backpressure).bind(inverter, editor, config, page)
 
