@@ -35,6 +35,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -483,26 +484,38 @@ class Api:
         return ((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
 
     async def _call(self, handle: DeploymentHandle, *args: Any) -> Any:
+        """One model call within serve.request_timeout_s.  A replica that dies with the request on it (killed,
+        out of memory, node lost: Ray's ActorDiedError) costs one retry, which Serve routes to another replica or
+        holds until the replacement is up (both model calls are pure functions of their arguments, so a retry is
+        safe); a second death is a 503 + Retry-After, never a 500."""
         from clcae.data.images import InputError
         from clcae.editing import EditError
 
-        try:
-            return await asyncio.wait_for(handle.remote(*args), timeout=self.cfg.serve.request_timeout_s)
-        except BackPressureError:
-            raise ApiError(503, "server busy: the request queue is full, retry shortly", {"Retry-After": "1"}) \
-                from None
-        except DeploymentUnavailableError:
-            raise ApiError(503, "model deployment unavailable, retry shortly", {"Retry-After": "5"}) from None
-        except TimeoutError:
-            raise ApiError(504, f"model did not answer within {self.cfg.serve.request_timeout_s:g} s") from None
-        except Exception as exc:
-            # The model's own checks are the last line (a checkpoint whose shapes differ from the serving
-            # config's): the client's input was wrong, not the server.  Ray wraps the replica's exception and
-            # keeps it as .cause; str() of the wrapper is a traceback.
-            cause = getattr(exc, "cause", exc)
-            if isinstance(cause, InputError | EditError):
-                raise ApiError(422, str(cause)) from None
-            raise
+        timeout = self.cfg.serve.request_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout
+        for attempt in (1, 2):
+            try:
+                left = max(0.0, deadline - asyncio.get_running_loop().time())
+                return await asyncio.wait_for(handle.remote(*args), timeout=left)
+            except BackPressureError:
+                raise ApiError(503, "server busy: the request queue is full, retry shortly", {"Retry-After": "1"}) \
+                    from None
+            except DeploymentUnavailableError:
+                raise ApiError(503, "model deployment unavailable, retry shortly", {"Retry-After": "5"}) from None
+            except TimeoutError:
+                raise ApiError(504, f"model did not answer within {timeout:g} s") from None
+            except Exception as exc:
+                # The model's own checks are the last line (a checkpoint whose shapes differ from the serving
+                # config's): the client's input was wrong, not the server.  Ray wraps the replica's exception and
+                # keeps it as .cause; str() of the wrapper is a traceback.
+                cause = getattr(exc, "cause", exc)
+                if isinstance(cause, InputError | EditError):
+                    raise ApiError(422, str(cause)) from None
+                if not isinstance(exc, RayActorError) and not isinstance(cause, RayActorError):
+                    raise
+                log.warning("model replica died during a request (attempt %d): %s", attempt,
+                            str(exc).splitlines()[0])
+        raise ApiError(503, "model replica lost while answering, retry shortly", {"Retry-After": "1"})
 
     def _edits(self, raw: Any) -> list[tuple[str, float]]:
         from clcae.editing import EditError
