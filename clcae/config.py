@@ -568,7 +568,8 @@ def _check_data_train_storage(cfg: CLCAEConfig, check: Check) -> None:
     check(v.max_ongoing_requests >= v.max_batch_size, "serve.max_ongoing_requests",
           "must be >= serve.max_batch_size, or batches can never fill")
     check(1 <= v.min_replicas <= v.max_replicas, "serve.min_replicas", "must be >= 1 and <= serve.max_replicas")
-    check(v.target_ongoing_requests > 0, "serve.target_ongoing_requests", "must be > 0")
+    check(0 < v.target_ongoing_requests <= v.max_ongoing_requests, "serve.target_ongoing_requests",
+          "must be > 0 and <= serve.max_ongoing_requests, or autoscaling never adds a replica")
     for name in ("upscale_delay_s", "downscale_delay_s"):
         check(getattr(v, name) >= 0, f"serve.{name}", "must be >= 0 seconds")
     check(v.metrics_interval_s > 0, "serve.metrics_interval_s", "must be > 0 seconds")
