@@ -38,7 +38,10 @@ pytestmark = [pytest.mark.slow,
 SCALING = ["serve.cpus_per_replica=0.25", "serve.min_replicas=1", "serve.max_replicas=3",
            "serve.target_ongoing_requests=2", "serve.upscale_delay_s=1", "serve.downscale_delay_s=4",
            "serve.look_back_period_s=2", "serve.metrics_interval_s=0.5", "serve.health_check_period_s=1",
-           "serve.max_batch_size=4", "serve.max_ongoing_requests=4", "serve.max_queued_requests=16"]
+           "serve.max_batch_size=4", "serve.max_ongoing_requests=4", "serve.max_queued_requests=16",
+           "serve.request_timeout_s=60"]
+# The proxy's own timeout (a plain-text 408) sits above the ingress's (a JSON 504): the ingress answers first.
+PROXY_TIMEOUT_S = 120
 RISE_WITHIN_S = 60  # from the first request to more than one RUNNING replica (measured: see the README)
 FALL_WITHIN_S = 60  # from the end of the load back to one replica (downscale_delay_s 4 + graceful shutdown)
 REPLACED_WITHIN_S = 60  # from the SIGKILL to a new replica RUNNING and /readyz 200
@@ -62,7 +65,7 @@ def serve_port(ray_cluster) -> Iterator[int]:
     from ray import serve
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30})
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": PROXY_TIMEOUT_S})
     try:
         yield port
     finally:
@@ -135,12 +138,13 @@ class Sampler(threading.Thread):
 
 class Load(threading.Thread):
     """A bounded closed loop: ``clients`` concurrent POST /v1/invert?format=png, each sending its next request
-    when the last one is answered, until stopped or ``max_s`` passes.  Keeps (seconds since ``t0``, status)."""
+    when the last one is answered, until stopped or ``max_s`` passes.  Keeps (sent, answered, status), times in
+    seconds since ``t0``."""
 
     def __init__(self, url: str, t0: float, clients: int = 10, max_s: float = 120):
         super().__init__(daemon=True)
         self.url, self.t0, self.clients, self.max_s = url, t0, clients, max_s
-        self.results: list[tuple[float, int | str]] = []
+        self.results: list[tuple[float, float, int | str]] = []
         self.retry_after: list[str | None] = []  # of every 503
         self.halt = threading.Event()
 
@@ -151,9 +155,10 @@ class Load(threading.Thread):
         deadline = time.monotonic() + self.max_s
         body = png()
         limits = httpx.Limits(max_connections=self.clients)
-        async with httpx.AsyncClient(timeout=60, limits=limits, trust_env=False) as client:
+        async with httpx.AsyncClient(timeout=PROXY_TIMEOUT_S + 30, limits=limits, trust_env=False) as client:
             async def worker() -> None:
                 while not self.halt.is_set() and time.monotonic() < deadline:
+                    sent = round(time.monotonic() - self.t0, 2)
                     try:
                         r = await client.post(self.url, content=body, headers={"content-type": "image/png"})
                         outcome: int | str = r.status_code
@@ -161,18 +166,18 @@ class Load(threading.Thread):
                             self.retry_after.append(r.headers.get("retry-after"))
                     except httpx.HTTPError as exc:
                         outcome = type(exc).__name__
-                    self.results.append((round(time.monotonic() - self.t0, 2), outcome))
+                    self.results.append((sent, round(time.monotonic() - self.t0, 2), outcome))
                     if outcome != 200:
                         await asyncio.sleep(0.2)  # a client honouring Retry-After, shortened for the test
 
             await asyncio.gather(*(worker() for _ in range(self.clients)))
 
     def ok_count(self) -> int:
-        return sum(1 for _, s in self.results if s == 200)
+        return sum(1 for _, _, s in self.results if s == 200)
 
-    def stop(self) -> list[tuple[float, int | str]]:
+    def stop(self) -> list[tuple[float, float, int | str]]:
         self.halt.set()
-        self.join(90)
+        self.join(PROXY_TIMEOUT_S + 60)
         assert not self.is_alive(), "the load loop did not stop"
         return self.results
 
@@ -263,15 +268,17 @@ def test_replicas_rise_under_load_and_fall_back_after(serve_port):
         samples = states.stop()
         running = changes([(t, v.get("RUNNING", 0) if isinstance(v, dict) else v) for t, v in samples])
         every_state = changes(samples)
-        statuses = Counter(s for _, s in results)
+        statuses = Counter(s for _, _, s in results)
         print(f"\nRUNNING InvertModel replicas (s since the load started, count): {running}")
         print(f"replica states: {every_state}")
         print(f"above 1 at {t_rose:.1f} s; load stopped at {t_stop:.1f} s; back to 1 at {t_back:.1f} s "
               f"({t_back - t_stop:.1f} s after); statuses {dict(statuses)}")
         assert rose, f"never more than 1 replica within {RISE_WITHIN_S} s of load: {every_state}"
         assert fell, f"not back to 1 replica {FALL_WITHIN_S} s after the load stopped: {every_state}"
-        assert 500 not in statuses and statuses[200] > 0, statuses
-        assert set(statuses) <= {200, 503}, statuses  # 503 = the bounded queue (Retry-After), never an error
+        # 503: the bounded queue (with Retry-After); 504: a request the ingress gave up on after 60 s (a machine
+        # so busy that nothing is measured any more); never a 500
+        assert 500 not in statuses and set(statuses) <= {200, 503, 504}, statuses
+        assert statuses[200] > sum(n for s, n in statuses.items() if s != 200), statuses
         assert all(ra is not None for ra in load.retry_after)
     finally:
         serve.delete(app)
@@ -304,25 +311,26 @@ def test_replica_killed_under_load_costs_no_500_and_is_replaced(serve_port):
         replaced = wait_for(lambda: bool(set(replica_pids(app)) - {name}) and running_replicas(app) == 1,
                             REPLACED_WITHIN_S)
         t_replaced = time.monotonic() - t0
-        back = wait_for(lambda: any(t > t_replaced and v == 200 for t, v in ready.samples), 30)
+        back = wait_for(lambda: any(t > t_replaced and v == 200 for t, v in ready.samples), 60)
         time.sleep(3)  # load on the new replica
         results = load.stop()
         readiness, every_state = changes(ready.stop()), changes(states.stop())
-        statuses = Counter(s for _, s in results)
-        before = Counter(s for t, s in results if t < t_kill)
-        during = Counter(s for t, s in results if t_kill <= t <= t_replaced + 2)
-        late = Counter(s for t, s in results if t > t_replaced + 2)
+        statuses = Counter(s for _, _, s in results)
+        before = Counter(s for _, done, s in results if done < t_kill)
+        during = Counter(s for _, done, s in results if t_kill <= done <= t_replaced + 2)
+        after = Counter(s for _, done, s in results if done > t_replaced + 2)
+        late = Counter(s for sent, _, s in results if sent > t_replaced + 2)  # sent once the new replica ran
         t_ready = min((t for t, v in ready.samples if t > t_kill and v == 200), default=None)
         print(f"\nkill at {t_kill:.1f} s; new replica RUNNING at {t_replaced:.1f} s "
               f"({t_replaced - t_kill:.1f} s after the kill); /readyz 200 again at {t_ready} s")
         print(f"statuses: before the kill {dict(before)}; kill .. replaced + 2 s {dict(during)}; "
-              f"after {dict(late)}; whole run {dict(statuses)}")
+              f"after {dict(after)}; whole run {dict(statuses)}")
         print(f"/readyz (s, status): {readiness}")
         print(f"replica states: {every_state}")
         assert replaced, f"no new replica RUNNING {REPLACED_WITHIN_S} s after the kill: {every_state}"
         assert 500 not in statuses and set(statuses) <= {200, 503, 504}, statuses
         assert all(ra is not None for ra in load.retry_after)  # every 503 says when to retry
-        assert set(late) == {200}, late  # failures stop once the new replica serves: bounded
+        assert set(late) == {200}, late  # bounded: every request sent once the new replica runs succeeds
         assert back, f"/readyz not 200 again after the replacement: {readiness}"
     finally:
         serve.delete(app)
