@@ -216,6 +216,16 @@ class ServeConfig:
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: float = 8.0
+    # Autoscaling of the model deployments (Ray Serve's AutoscalingConfig; these defaults are Ray's): Serve averages
+    # the requests in flight per replica over look_back_period_s, as the ingress's handles report them every
+    # metrics_interval_s, and adds replicas once it has wanted more for upscale_delay_s, removes them once it has
+    # wanted fewer for downscale_delay_s.  README "Serve autoscaling" has a measured curve.
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    look_back_period_s: float = 30.0
+    metrics_interval_s: float = 10.0
+    # How often Serve checks each model replica; one that died (killed, node lost) is replaced after the next check
+    health_check_period_s: float = 10.0
     max_ongoing_requests: int = 16  # per replica; >= max_batch_size so batches can fill
     max_queued_requests: int = 32  # per deployment; beyond it requests get 503 + Retry-After at once
     use_gpu: bool = False
@@ -558,6 +568,14 @@ def _check_data_train_storage(cfg: CLCAEConfig, check: Check) -> None:
     check(v.max_ongoing_requests >= v.max_batch_size, "serve.max_ongoing_requests",
           "must be >= serve.max_batch_size, or batches can never fill")
     check(1 <= v.min_replicas <= v.max_replicas, "serve.min_replicas", "must be >= 1 and <= serve.max_replicas")
+    check(0 < v.target_ongoing_requests <= v.max_ongoing_requests, "serve.target_ongoing_requests",
+          "must be > 0 and <= serve.max_ongoing_requests, or autoscaling never adds a replica")
+    for name in ("upscale_delay_s", "downscale_delay_s"):
+        check(getattr(v, name) >= 0, f"serve.{name}", "must be >= 0 seconds")
+    check(v.metrics_interval_s > 0, "serve.metrics_interval_s", "must be > 0 seconds")
+    check(v.look_back_period_s > v.metrics_interval_s, "serve.look_back_period_s",
+          "must be > serve.metrics_interval_s: the average needs more than one report")
+    check(v.health_check_period_s > 0, "serve.health_check_period_s", "must be > 0 seconds")
     check(v.max_queued_requests >= 1, "serve.max_queued_requests", "must be >= 1: a bounded queue")
     check(v.align_domain in (None, "faces", "cars"), "serve.align_domain",
           "must be faces, cars or null (null: cars when generator.crop is set, else faces)")

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -34,6 +35,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -482,26 +484,38 @@ class Api:
         return ((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
 
     async def _call(self, handle: DeploymentHandle, *args: Any) -> Any:
+        """One model call within serve.request_timeout_s.  A replica that dies with the request on it (killed,
+        out of memory, node lost: Ray's ActorDiedError) costs one retry, which Serve routes to another replica or
+        holds until the replacement is up (both model calls are pure functions of their arguments, so a retry is
+        safe); a second death is a 503 + Retry-After, never a 500."""
         from clcae.data.images import InputError
         from clcae.editing import EditError
 
-        try:
-            return await asyncio.wait_for(handle.remote(*args), timeout=self.cfg.serve.request_timeout_s)
-        except BackPressureError:
-            raise ApiError(503, "server busy: the request queue is full, retry shortly", {"Retry-After": "1"}) \
-                from None
-        except DeploymentUnavailableError:
-            raise ApiError(503, "model deployment unavailable, retry shortly", {"Retry-After": "5"}) from None
-        except TimeoutError:
-            raise ApiError(504, f"model did not answer within {self.cfg.serve.request_timeout_s:g} s") from None
-        except Exception as exc:
-            # The model's own checks are the last line (a checkpoint whose shapes differ from the serving
-            # config's): the client's input was wrong, not the server.  Ray wraps the replica's exception and
-            # keeps it as .cause; str() of the wrapper is a traceback.
-            cause = getattr(exc, "cause", exc)
-            if isinstance(cause, InputError | EditError):
-                raise ApiError(422, str(cause)) from None
-            raise
+        timeout = self.cfg.serve.request_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout
+        for attempt in (1, 2):
+            try:
+                left = max(0.0, deadline - asyncio.get_running_loop().time())
+                return await asyncio.wait_for(handle.remote(*args), timeout=left)
+            except BackPressureError:
+                raise ApiError(503, "server busy: the request queue is full, retry shortly", {"Retry-After": "1"}) \
+                    from None
+            except DeploymentUnavailableError:
+                raise ApiError(503, "model deployment unavailable, retry shortly", {"Retry-After": "5"}) from None
+            except TimeoutError:
+                raise ApiError(504, f"model did not answer within {timeout:g} s") from None
+            except Exception as exc:
+                # The model's own checks are the last line (a checkpoint whose shapes differ from the serving
+                # config's): the client's input was wrong, not the server.  Ray wraps the replica's exception and
+                # keeps it as .cause; str() of the wrapper is a traceback.
+                cause = getattr(exc, "cause", exc)
+                if isinstance(cause, InputError | EditError):
+                    raise ApiError(422, str(cause)) from None
+                if not isinstance(exc, RayActorError) and not isinstance(cause, RayActorError):
+                    raise
+                log.warning("model replica died during a request (attempt %d): %s", attempt,
+                            str(exc).splitlines()[0])
+        raise ApiError(503, "model replica lost while answering, retry shortly", {"Retry-After": "1"})
 
     def _edits(self, raw: Any) -> list[tuple[str, float]]:
         from clcae.editing import EditError
@@ -694,13 +708,19 @@ def build(cfg: CLCAEConfig, page: str = ""):
     config["serve"]["api_key"] = serve_api_key(s)
     actor = {"num_cpus": s.cpus_per_replica, "num_gpus": 1 if s.use_gpu else 0}
     autoscaling = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                   "target_ongoing_requests": s.target_ongoing_requests}
+                   "target_ongoing_requests": s.target_ongoing_requests, "upscale_delay_s": s.upscale_delay_s,
+                   "downscale_delay_s": s.downscale_delay_s, "look_back_period_s": s.look_back_period_s,
+                   "metrics_interval_s": s.metrics_interval_s}
     backpressure = BackpressureConfig(status_code=503, retry_after_s=1)
     model_opts = dict(ray_actor_options=actor, max_ongoing_requests=s.max_ongoing_requests,
                       max_queued_requests=s.max_queued_requests, autoscaling_config=autoscaling,
-                      backpressure_config=backpressure, health_check_period_s=10)
-    inverter = InvertModel.options(**model_opts).bind(config, source)
-    editor = EditModel.options(**model_opts).bind(config, source)
+                      backpressure_config=backpressure, health_check_period_s=s.health_check_period_s)
+    with warnings.catch_warnings():
+        # Ray 2.60 marks metrics_interval_s deprecated (for environment variables it does not read yet), but it is
+        # still what sets how often the handles report load: the only way to react in seconds, not tens of them.
+        warnings.filterwarnings("ignore", "The `metrics_interval_s` field", DeprecationWarning)
+        inverter = InvertModel.options(**model_opts).bind(config, source)
+        editor = EditModel.options(**model_opts).bind(config, source)
     return Api.options(ray_actor_options={"num_cpus": min(0.5, s.cpus_per_replica)}, **ingress_limits(s),
                        backpressure_config=backpressure).bind(inverter, editor, config, page)
 
