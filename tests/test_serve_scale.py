@@ -10,24 +10,17 @@ so the asserts are on events with generous limits, never on exact counts; each t
 from __future__ import annotations
 
 import asyncio
-import io
 import os
-import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import free_port, noise_image, tiny
 
-from clcae.config import load_config
-
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow,
               # Ray 2.60 deprecates metrics_interval_s but still reads only it (serve.metrics_interval_s): every
               # status call re-validates the config and would warn hundreds of times
@@ -47,16 +40,8 @@ FALL_WITHIN_S = 60  # from the end of the load back to one replica (downscale_de
 REPLACED_WITHIN_S = 60  # from the SIGKILL to a new replica RUNNING and /readyz 200
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def png(seed: int = 0, size: int = 64) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
+    return noise_image(size=(size, size), seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +62,7 @@ def deploy(name: str, overrides: list[str]) -> None:
 
     from clcae.serving import build
 
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    cfg = tiny(*overrides)
     serve.run(build(cfg), name=name, route_prefix=f"/{name}")
 
 
@@ -209,7 +194,7 @@ def model_deployments(overrides: list[str]) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        api = build(load_config(ROOT / "configs" / "tiny.yaml", overrides))._bound_deployment
+        api = build(tiny(*overrides))._bound_deployment
     return {a._bound_deployment.name: a._bound_deployment._deployment_config for a in api.init_args[:2]}
 
 
@@ -238,7 +223,7 @@ def test_bad_autoscaling_knobs_are_refused_by_name(override, key):
     from clcae.config import ConfigError
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
-        load_config(ROOT / "configs" / "tiny.yaml", [override])
+        tiny(override)
     assert key in err.value.keys
 
 
