@@ -278,11 +278,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
 class BatchFaults:
     """Fault injection for tests and drills, each at most once per job (the marker file records that it happened,
     across processes and retries): a storage timeout on the first file read, an out-of-memory error on the first
-    inversion call, and the first inversion actor killing itself (SIGKILL) mid-batch."""
+    inversion call, and the first inversion actor killing itself (SIGKILL) mid-batch.
+
+    ``hold_marker``: every inversion actor touches ``{hold_marker}.init.{pid}`` when it starts and, at its
+    ``hold_call``-th batch, touches ``{hold_marker}.held.{pid}`` and waits (at most ``hold_s`` seconds) until the
+    file ``hold_marker`` exists: a drill kills a node while both actors hold a batch, then creates the file."""
 
     read_timeout_marker: str | None = None
     oom_marker: str | None = None
     die_marker: str | None = None
+    hold_marker: str | None = None
+    hold_call: int = 2
+    hold_s: float = 300.0
 
 
 def _fault_due(marker: str | None) -> bool:
@@ -422,10 +429,24 @@ class InvertActor:
                          else Inverter.from_config(cfg, device=device))
         self.with_f, self.psnr = with_f, psnr
         self.faults = faults or BatchFaults()
+        self.calls = 0
+        if self.faults.hold_marker:
+            open(f"{self.faults.hold_marker}.init.{os.getpid()}", "w").close()
+
+    def _hold(self) -> None:
+        marker = self.faults.hold_marker
+        if not marker or self.calls != self.faults.hold_call or os.path.exists(marker):
+            return
+        open(f"{marker}.held.{os.getpid()}", "w").close()
+        deadline = time.monotonic() + self.faults.hold_s
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        self.calls += 1
+        self._hold()
         if _fault_due(self.faults.die_marker):
             os.kill(os.getpid(), signal.SIGKILL)
 
