@@ -42,6 +42,7 @@ from clcae.errors import CLCAEError
 log = logging.getLogger(__name__)
 
 MAX_EXAMPLES = 3  # error rows quoted in the job's summary
+DECODED_BLOCK_BYTES = 16 * 2**20  # Ray Data blocks of decoded pixels: at least this, or two batches
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("error", pa.string())])
 
 
@@ -686,6 +687,11 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: A
     ctx = ds.context
     ctx.retried_map_errors = list(RETRIED_ERRORS)
     ctx.max_map_retries = i.max_retries
+    # Decoded pixels go from the decode tasks to the actors in blocks of a few batches, not Ray's default of up to
+    # 128 MiB (over half of a small object store, one actor's work for minutes, the whole of a small shard set):
+    # blocks stream through the object store and spread over the actors.
+    ctx.target_max_block_size = min(ctx.target_max_block_size or DECODED_BLOCK_BYTES,
+                                    max(DECODED_BLOCK_BYTES, 2 * i.batch_size * size[0] * size[1] * 3))
     ds.write_datasink(sink)
     summary.update(written=sink.counts["written"], errors=sink.counts["errors"], error_examples=sink.examples,
                    seconds=round(time.perf_counter() - t0, 2))
