@@ -287,12 +287,12 @@ class TestNodeDeath:
 
         def drill() -> None:
             try:
-                wait_for(lambda: all(Path(f"{hold}.rank{r}").exists() for r in (0, 1)), 240, "both ranks at step 5")
+                wait_for(lambda: all(Path(f"{hold}.rank{r}").exists() for r in (0, 1)), 600, "both ranks at step 5")
                 timing["kill"] = nodes.kill(victim)
                 hold.touch()
                 timing["gcs_dead"] = wait_for(lambda: not node_alive(victim.node_id), 60, "GCS to mark the node dead")
                 # the restarted run logs step 4 again (rank 0 appends every step it starts)
-                timing["resumed"] = wait_for(lambda: read_steps(log).count(4) == 2, 240, "the run to resume")
+                timing["resumed"] = wait_for(lambda: read_steps(log).count(4) == 2, 600, "the run to resume")
             except Exception as exc:  # noqa: BLE001 - reported by the test below
                 timing["error"] = exc
                 hold.touch()
@@ -361,7 +361,7 @@ class TestNodeDeath:
 
         def drill() -> None:
             try:
-                wait_for(lambda: len(pids("held")) == 2, 240, "both actors to hold a batch")
+                wait_for(lambda: len(pids("held")) == 2, 600, "both actors to hold a batch")
                 held = sorted(pids("held"))
                 timing["nodes"] = {node_of(pid, nodes).node_id for pid in held}
                 victim = node_of(held[1], nodes)
@@ -369,7 +369,7 @@ class TestNodeDeath:
                 timing["kill"] = nodes.kill(victim)
                 hold.touch()
                 timing["gcs_dead"] = wait_for(lambda: not node_alive(victim.node_id), 60, "GCS to mark the node dead")
-                timing["restarted"] = wait_for(lambda: pids("init") - before, 240, "the lost actor to restart")
+                timing["restarted"] = wait_for(lambda: pids("init") - before, 600, "the lost actor to restart")
                 timing["victim"] = victim.node_id
             except Exception as exc:  # noqa: BLE001 - reported by the test below
                 timing["error"] = exc
