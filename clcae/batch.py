@@ -42,6 +42,7 @@ from clcae.errors import CLCAEError
 log = logging.getLogger(__name__)
 
 MAX_EXAMPLES = 3  # error rows quoted in the job's summary
+DECODED_BLOCK_BYTES = 16 * 2**20  # Ray Data blocks of decoded pixels: at least this, or two batches
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("error", pa.string())])
 
 
@@ -278,11 +279,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
 class BatchFaults:
     """Fault injection for tests and drills, each at most once per job (the marker file records that it happened,
     across processes and retries): a storage timeout on the first file read, an out-of-memory error on the first
-    inversion call, and the first inversion actor killing itself (SIGKILL) mid-batch."""
+    inversion call, and the first inversion actor killing itself (SIGKILL) mid-batch.
+
+    ``hold_marker``: every inversion actor touches ``{hold_marker}.init.{pid}`` when it starts and, at its
+    ``hold_call``-th batch, touches ``{hold_marker}.held.{pid}`` and waits (at most ``hold_s`` seconds) until the
+    file ``hold_marker`` exists: a drill kills a node while both actors hold a batch, then creates the file."""
 
     read_timeout_marker: str | None = None
     oom_marker: str | None = None
     die_marker: str | None = None
+    hold_marker: str | None = None
+    hold_call: int = 2
+    hold_s: float = 300.0
 
 
 def _fault_due(marker: str | None) -> bool:
@@ -422,10 +430,24 @@ class InvertActor:
                          else Inverter.from_config(cfg, device=device))
         self.with_f, self.psnr = with_f, psnr
         self.faults = faults or BatchFaults()
+        self.calls = 0
+        if self.faults.hold_marker:
+            open(f"{self.faults.hold_marker}.init.{os.getpid()}", "w").close()
+
+    def _hold(self) -> None:
+        marker = self.faults.hold_marker
+        if not marker or self.calls != self.faults.hold_call or os.path.exists(marker):
+            return
+        open(f"{marker}.held.{os.getpid()}", "w").close()
+        deadline = time.monotonic() + self.faults.hold_s
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        self.calls += 1
+        self._hold()
         if _fault_due(self.faults.die_marker):
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -665,6 +687,11 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: A
     ctx = ds.context
     ctx.retried_map_errors = list(RETRIED_ERRORS)
     ctx.max_map_retries = i.max_retries
+    # Decoded pixels go from the decode tasks to the actors in blocks of a few batches, not Ray's default of up to
+    # 128 MiB (over half of a small object store, one actor's work for minutes, the whole of a small shard set):
+    # blocks stream through the object store and spread over the actors.
+    ctx.target_max_block_size = min(ctx.target_max_block_size or DECODED_BLOCK_BYTES,
+                                    max(DECODED_BLOCK_BYTES, 2 * i.batch_size * size[0] * size[1] * 3))
     ds.write_datasink(sink)
     summary.update(written=sink.counts["written"], errors=sink.counts["errors"], error_examples=sink.examples,
                    seconds=round(time.perf_counter() - t0, 2))

@@ -164,8 +164,16 @@ class TrainConfig:
     sample_every: int = 1000
     log_every: int = 50
     num_workers: int = 1
+    # Elastic training (Ray Train's ScalingConfig(num_workers=(min, max))): with min_workers < num_workers a run
+    # starts with as many workers as the cluster has room for (at most num_workers) and, when a node is lost,
+    # restarts from the newest checkpoint with the workers that still fit (at least min_workers) instead of waiting
+    # for the node. None: always num_workers workers (a lost node is waited for).
+    min_workers: int | None = None
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # Other Ray resources each worker needs besides CPU/GPU, e.g. {train_slot: 1} where every training node offers
+    # one train_slot (one worker per node), or an accelerator-type resource.
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
     max_failures: int = 3  # Ray FailureConfig; -1 = retry forever
     storage_path: str = "./runs"
     keep_checkpoints: int = 3
@@ -550,6 +558,11 @@ def _check_data_train_storage(cfg: CLCAEConfig, check: Check) -> None:
     for name in counts:
         check(getattr(t, name) >= 1, f"train.{name}", "must be >= 1")
     check(t.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
+    check(t.min_workers is None or 1 <= t.min_workers <= t.num_workers, "train.min_workers",
+          "must be >= 1 and <= train.num_workers, or null for a fixed number of workers")
+    check(all(v > 0 for v in t.resources_per_worker.values()), "train.resources_per_worker", "amounts must be > 0")
+    check(not {"CPU", "GPU"} & set(t.resources_per_worker), "train.resources_per_worker",
+          "CPU and GPU come from train.cpus_per_worker and train.use_gpu")
     check(t.max_failures >= -1, "train.max_failures", "must be >= 0, or -1 to retry forever")
     check(bool(t.storage_path.strip()), "train.storage_path", "must not be empty")
     i = cfg.infer

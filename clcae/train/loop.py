@@ -167,13 +167,21 @@ class Faults:
     """Fault injection for tests and drills: rank ``rank`` SIGKILLs itself at ``step`` on the first attempt
     (``marker`` records that it happened); every executed step is appended to ``step_log`` by rank 0; with
     ``rng_log`` (a folder) every rank appends ``step value`` to ``rank{r}.log``, where value is the next number
-    its random stream would draw (peeked, not consumed)."""
+    its random stream would draw (peeked, not consumed).
+
+    ``hold_step``/``hold_marker``: every rank stops before ``hold_step`` until the file ``hold_marker`` exists
+    (at most ``hold_s`` seconds), after the checkpoints reported so far are registered, and touches
+    ``{hold_marker}.rank{r}`` when it stops there: a drill kills a node at a known step, then creates the file.
+    Once the file exists nobody stops (a restarted run goes through)."""
 
     rank: int = -1
     step: int = -1
     marker: str | None = None
     step_log: str | None = None
     rng_log: str | None = None
+    hold_step: int = -1
+    hold_marker: str | None = None
+    hold_s: float = 300.0
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -252,6 +260,14 @@ def _inject(faults: Faults, rank: int, step: int) -> None:
         os.makedirs(faults.rng_log, exist_ok=True)
         with open(Path(faults.rng_log) / f"rank{rank}.log", "a") as fh:
             fh.write(f"{step} {peek!r}\n")
+    if step == faults.hold_step and faults.hold_marker and not os.path.exists(faults.hold_marker):
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints()  # what a drill kills here resumes from a registered checkpoint
+        Path(f"{faults.hold_marker}.rank{rank}").touch()
+        deadline = time.monotonic() + faults.hold_s
+        while not os.path.exists(faults.hold_marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
     if rank == faults.rank and step == faults.step and faults.marker and not os.path.exists(faults.marker):
         import ray.train
 
@@ -404,16 +420,20 @@ def fit(cfg: CLCAEConfig, stage: str, run_name: str, faults: Faults | None = Non
     dataset = build_dataset(cfg, stage)
     fs, path = pyarrow_filesystem(cfg.train.storage_path, cfg.storage)
     t = cfg.train
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
-    log.info("%s %s: %s to step %d on %d worker(s), every %d steps a line; run folder %s", stage, run_name,
-             "resuming" if resuming else "training", t.max_steps, t.num_workers, t.log_every, uri)
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}), **t.resources_per_worker}
+    # elastic: Ray Train starts and restarts with as many workers as fit, min_workers..num_workers
+    workers = (t.min_workers, t.num_workers) if t.min_workers is not None and t.min_workers < t.num_workers \
+        else t.num_workers
+    log.info("%s %s: %s to step %d on %s worker(s), every %d steps a line; run folder %s", stage, run_name,
+             "resuming" if resuming else "training", t.max_steps,
+             f"{workers[0]}-{workers[1]}" if isinstance(workers, tuple) else workers, t.log_every, uri)
     # the workers' output stays in Ray's logs: the driver prints rank 0's reports (clcae.train.progress)
     with follow(t.max_steps, f"{run_name}: ") as progress:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": to_dict(cfg), "stage": stage, "run_name": run_name, "run_uri": uri,
                                "stage1": stage1, "init_from": init_from, "faults": vars(faults) if faults else {}},
-            scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=t.use_gpu,
                                                    resources_per_worker=resources),
             run_config=ray.train.RunConfig(
                 name=run_name, storage_path=path, storage_filesystem=fs,

@@ -15,6 +15,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,6 +42,26 @@ class ProgressCallback(ray.train.UserCallback):
                 f.write(json.dumps(line, default=float) + "\n")
         except Exception:  # noqa: BLE001 - progress is a courtesy; training goes on without it
             pass
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, BaseException]) -> None:
+        """A worker raised or died (with its node, say): one line, so a restart is not silent on the console."""
+        try:
+            ranks = sorted(worker_exceptions)
+            exc = worker_exceptions[ranks[0]]
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            line = {"event": "failure", "time": time.time(), "ranks": ranks,
+                    "error": f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:300]}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        except Exception:  # noqa: BLE001 - as above
+            pass
+
+
+def format_failure(event: dict[str, Any]) -> str:
+    """``rank(s) 1 failed (ActorDiedError: ... its node has died ...); restarting from the newest checkpoint``."""
+    ranks = ", ".join(str(r) for r in event.get("ranks", []))
+    return (f"rank(s) {ranks} failed ({event.get('error', '')}); Ray Train restarts the workers from the newest "
+            "checkpoint (train.max_failures)")
 
 
 def format_line(metrics: dict[str, Any], max_steps: int) -> str:
@@ -78,7 +99,11 @@ def follow(max_steps: int, prefix: str, interval_s: float = 0.5) -> Iterator[Pro
                         break
                     offset = f.tell()
                     with contextlib.suppress(ValueError):
-                        log.info("%s%s", prefix, format_line(json.loads(line), max_steps))
+                        event = json.loads(line)
+                        if event.get("event") == "failure":
+                            log.warning("%s%s", prefix, format_failure(event))
+                        else:
+                            log.info("%s%s", prefix, format_line(event, max_steps))
         except OSError:
             pass
 
