@@ -23,7 +23,7 @@ from clcae.data.images import InputError, decode_image, pil_to_tensor
 from clcae.device import DTYPES, autocast_context, pick_device
 from clcae.editing import DirectionRegistry, Edits
 from clcae.factory import build_clcae, build_directions
-from clcae.models.clcae import CLCAE, InversionOutput
+from clcae.models.clcae import CLCAE
 from clcae.models.stylegan2 import FEATURE_RES
 from clcae.pretrained import ModelSource
 
@@ -121,11 +121,11 @@ class Inverter:
         outputs = (self.main_output, *[o for o in extra_outputs if o != self.main_output])
         with self.arithmetic():
             w, w_plus, f, feats = m.latents(x)
-            out = InversionOutput(w=w, w_plus=w_plus, f=f)
-            images_out = m.render(w, w_plus, f, outputs, out=out)
+            rendered = m.render(w, w_plus, f, outputs)
+        images_out = rendered.images
         extra = {k: _f32(v) for k, v in images_out.items() if k != self.main_output}
         return Inversion(_f32(w), _f32(w_plus), _f32(f), _f32(images_out[self.main_output]), _f32(feats.deltas),
-                         _f32(feats.t3), _f32(out.g5), extra)
+                         _f32(feats.t3), _f32(rendered.g5), extra)
 
     @torch.inference_mode()
     def edit(self, inversion: Inversion, edits: Edits) -> torch.Tensor:
@@ -150,7 +150,7 @@ class Inverter:
         w_plus_edit = self.directions.apply_to_w_plus(w_plus_edit, edits)
         with self.arithmetic():
             if inversion.f is None:
-                return _f32(m.render(w_plus_edit, w_plus_edit, None, ("w_plus",))["w_plus"])
+                return _f32(m.render(w_plus_edit, w_plus_edit, None, ("w_plus",)).images["w_plus"])
             return _f32(m.edited_images(inversion.w_plus, inversion.f, w_plus_edit, f_edit, g5=inversion.g5))
 
     def latents_to_inversion(self, w: torch.Tensor, w_plus: torch.Tensor, f: torch.Tensor | None,
@@ -182,10 +182,9 @@ class Inverter:
         w, w_plus = w.to(dev).float(), w_plus.to(dev).float()
         f = f.to(dev).float() if f is not None else None
         deltas = deltas.to(dev).float() if deltas is not None else None
-        out = InversionOutput(w=w, w_plus=w_plus, f=f)
         with torch.inference_mode(), self.arithmetic():
-            image = self.model.render(w, w_plus, f, (self.main_output,), out=out)[self.main_output]
-        return Inversion(w, w_plus, f, _f32(image), deltas=deltas, g5=_f32(out.g5))
+            rendered = self.model.render(w, w_plus, f, (self.main_output,))
+        return Inversion(w, w_plus, f, _f32(rendered.images[self.main_output]), deltas=deltas, g5=_f32(rendered.g5))
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
