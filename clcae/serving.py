@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -154,6 +155,41 @@ def _short(x: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+class Stages:
+    """Where one request's time went, in ms, sent back as a ``Server-Timing`` header (and read by
+    bench/serve_load.py): the ingress's own stages as laps (``read`` the body, ``decode``/``align``, ``encode``,
+    ...), and each model call split into the replica's stages (``queue``: waiting for a batch, ``model``: the
+    batch's model call, ``post``: its outputs made ready to send) and ``handle``: the rest of the call's round trip
+    (routing, serialisation, transport).  ``total`` is the ingress's time from the route's start."""
+
+    def __init__(self) -> None:
+        self.start = self.mark = time.perf_counter()
+        self.ms: dict[str, float] = {}
+
+    def _add(self, stage: str, ms: float) -> None:
+        self.ms[stage] = self.ms.get(stage, 0.0) + ms
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self._add(stage, (now - self.mark) * 1000)
+        self.mark = now
+
+    def call(self, replica: dict[str, float] | None) -> None:
+        """Lap for a model call whose answer carried the replica's ``timing``."""
+        now = time.perf_counter()
+        round_trip = (now - self.mark) * 1000
+        self.mark = now
+        inside = 0.0
+        for stage, ms in (replica or {}).items():
+            self._add(stage, ms)
+            inside += ms
+        self._add("handle", max(0.0, round_trip - inside))
+
+    def header(self) -> dict[str, str]:
+        stages = {**self.ms, "total": (time.perf_counter() - self.start) * 1000}
+        return {"Server-Timing": ", ".join(f"{k};dur={v:.2f}" for k, v in stages.items())}
+
+
 def latent_shapes(cfg: CLCAEConfig) -> dict[str, tuple[int, ...]]:
     """Per-image shapes of the latents /v1/invert returns and /v1/edit takes back: w, w+, f (G5's output,
     FEATURE_RES x FEATURE_RES) and the encoder's residuals (like w+)."""
@@ -251,6 +287,21 @@ def _encode_photo(image: "Image.Image", fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def _timed(rows: list[dict[str, Any]], start: float, done: float) -> list[dict[str, Any]]:
+    """Each answer of a batch gets the batch's ``timing``: its start (made into the queue wait by :func:`_queued`),
+    the model call, and the time since (outputs made ready to send), in ms."""
+    now = time.perf_counter()
+    for row in rows:
+        row["timing"] = {"start": start, "model": (done - start) * 1000, "post": (now - done) * 1000}
+    return rows
+
+
+def _queued(row: dict[str, Any], entered: float) -> dict[str, Any]:
+    timing = row["timing"]
+    timing["queue"] = max(0.0, (timing.pop("start") - entered) * 1000)
+    return row
+
+
 @serve.deployment(name="InvertModel")
 class InvertModel:
     """The Inverter with dynamic batching: concurrent requests become one model call."""
@@ -265,17 +316,21 @@ class InvertModel:
     async def invert_batch(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         import torch
 
+        start = time.perf_counter()
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
         res = self.inverter.invert(x.to(self.inverter.device))
+        done = time.perf_counter()
         from clcae.metrics import psnr
 
         scores = psnr(res.image.float().cpu().clamp(-1, 1), x).tolist()
-        return [{"w": res.w[i].cpu(), "w_plus": res.w_plus[i].cpu(), "deltas": res.deltas[i].cpu(),
-                 "f": res.f[i].cpu(), "image": res.image[i].cpu(), "psnr": scores[i],
-                 "batch_size": len(images), "model_id": self.inverter.model_id} for i in range(len(images))]
+        out = [{"w": res.w[i].cpu(), "w_plus": res.w_plus[i].cpu(), "deltas": res.deltas[i].cpu(),
+                "f": res.f[i].cpu(), "image": res.image[i].cpu(), "psnr": scores[i],
+                "batch_size": len(images), "model_id": self.inverter.model_id} for i in range(len(images))]
+        return _timed(out, start, done)
 
     async def __call__(self, image: np.ndarray) -> dict[str, Any]:
-        return await self.invert_batch(image)
+        entered = time.perf_counter()
+        return _queued(await self.invert_batch(image), entered)
 
     def check_health(self) -> None:
         if self.inverter is None:
@@ -290,10 +345,12 @@ class EditModel:
     async def __call__(self, latents: dict[str, np.ndarray], edits: list[tuple[str, float]]):
         import torch
 
+        start = time.perf_counter()
         inv = self.inverter
         t = {k: torch.from_numpy(np.array(v, np.float32))[None] for k, v in latents.items()}  # a writable copy
         inversion = inv.latents_to_inversion(t["w"], t["w_plus"], t["f"], t.get("deltas"))
-        return {"image": inv.edit(inversion, edits)[0].cpu(), "reconstruction": inversion.image[0].cpu()}
+        out = {"image": inv.edit(inversion, edits)[0].cpu(), "reconstruction": inversion.image[0].cpu()}
+        return {**out, "timing": {"model": (time.perf_counter() - start) * 1000}}
 
 
 app = FastAPI(title="CLCAE", version="1", description="StyleGAN2 inversion and editing (CLCAE, CVPR 2023)")
@@ -373,8 +430,6 @@ class Api:
 
     def _align(self, data: bytes | None, name: str, face: int) -> AlignedPhoto:
         """Decode the photo, find every face, pick one (runs in the pool, see _offload)."""
-        import time
-
         from clcae.align import NoFaceError
         from clcae.data.images import MIN_IMAGE_SIZE, InputError, UnreadableImageError, decode_image
 
@@ -598,18 +653,24 @@ class Api:
         self._auth(request)
         if format not in ("json", "png"):
             raise ApiError(400, f"format must be 'json' or 'png', got {format!r}")
+        st = Stages()
         with self._admitted():
             data, name, fields = await self._image_and_fields(request)
+            st.lap("read")
             aligning, index, photo_fmt = self._align_options(fields, align, face, photo_format)
             aligned = await self._offload(self._align, data, name, index) if aligning else None
             pixels = aligned.pixels if aligned else await self._offload(self._decode, data, name)
+            st.lap("align" if aligned else "decode")
             res = await self._call(self.inverter, pixels)
+            st.call(res.get("timing"))
             if format == "png" and aligned:
                 whole = await self._offload(self._paste, aligned, res["image"], photo_fmt)
-                return Response(whole, media_type=PHOTO_FORMATS[photo_fmt])
+                st.lap("paste")
+                return Response(whole, media_type=PHOTO_FORMATS[photo_fmt], headers=st.header())
             png = await self._offload(_png, res["image"])
+            st.lap("encode")
         if format == "png":
-            return Response(png, media_type="image/png")
+            return Response(png, media_type="image/png", headers=st.header())
         body = {
             "model_id": res["model_id"], "psnr": res["psnr"], "batch_size": res["batch_size"],
             "w": res["w"].tolist(), "w_plus": res["w_plus"].tolist(),
@@ -619,7 +680,8 @@ class Api:
         }
         if aligned:
             body["align"] = aligned.describe()
-        return JSONResponse(body)
+        st.lap("json")
+        return JSONResponse(body, headers=st.header())
 
     @app.post("/v1/edit", responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}})
     async def edit(self, request: Request, format: str = "png", align: str | None = None,
@@ -632,8 +694,10 @@ class Api:
         JSON holds it as ``photo_png`` / ``photo_jpeg`` beside the edited crop, the reconstruction and
         ``align``."""
         self._auth(request)
+        st = Stages()
         with self._admitted():
             data, name, fields = await self._image_and_fields(request)
+            st.lap("read")
             aligning, index, photo_fmt = self._align_options(fields, align, face, photo_format)
             aligned = None
             if "_json" in fields:
@@ -641,6 +705,7 @@ class Api:
                     raise ApiError(400, "align=true needs the photo: send a multipart form with 'image' and "
                                         "'edits' (latents alone cannot be pasted back into a photo)")
                 edits, latents, requested = await self._offload(self._edit_request, fields["_json"])
+                st.lap("parse")
             else:
                 edits = self._edits(fields.get("edits"))
                 requested = fields.get("format")
@@ -653,23 +718,32 @@ class Api:
                     pixels = aligned.pixels
                 else:
                     pixels = await self._offload(self._decode, data, name)
+                st.lap("align" if aligned else "decode")
                 inverted = await self._call(self.inverter, pixels)
+                st.call(inverted.get("timing"))
                 latents = {k: inverted[k].numpy() for k in ("w", "w_plus", "f", "deltas")}
             out = await self._call(self.editor, latents, edits)
+            st.call(out.get("timing"))
             whole = await self._offload(self._paste, aligned, out["image"], photo_fmt) if aligned else None
+            if aligned:
+                st.lap("paste")
             if format == "png":
                 if whole is not None:
-                    return Response(whole, media_type=PHOTO_FORMATS[photo_fmt])
-                return Response(await self._offload(_png, out["image"]), media_type="image/png")
+                    return Response(whole, media_type=PHOTO_FORMATS[photo_fmt], headers=st.header())
+                png = await self._offload(_png, out["image"])
+                st.lap("encode")
+                return Response(png, media_type="image/png", headers=st.header())
             png = await self._offload(_png, out["image"])
             recon = await self._offload(_png, out["reconstruction"])
+            st.lap("encode")
         body = {"edits": [{"direction": n, "strength": s} for n, s in edits],
                 "image_png": base64.b64encode(png).decode(),
                 "reconstruction_png": base64.b64encode(recon).decode()}
         if aligned:
             body["align"] = aligned.describe()
             body[f"photo_{photo_fmt}"] = base64.b64encode(whole).decode()
-        return JSONResponse(body)
+        st.lap("json")
+        return JSONResponse(body, headers=st.header())
 
 
 # ---------------------------------------------------------------------------------------------- building
