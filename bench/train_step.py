@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from clcae.config import load_config  # noqa: E402
 from clcae.factory import build_aligner, build_clcae  # noqa: E402
-from clcae.models.clcae import CLCAE, InversionOutput  # noqa: E402
+from clcae.models.clcae import CLCAE, Rendered  # noqa: E402
 from clcae.models.stylegan2 import blend_feature  # noqa: E402
 from clcae.train.steps import InversionStep, MixedPrecision  # noqa: E402
 
@@ -56,8 +56,7 @@ CASES = {
 
 
 def three_pass_render(self: CLCAE, w: torch.Tensor, w_plus: torch.Tensor, f: torch.Tensor | None,
-                      outputs: Any = ("w", "w_plus", "f"), f_blend: float = 1.0, out: InversionOutput | None = None
-                      ) -> dict[str, torch.Tensor]:
+                      outputs: Any = ("w", "w_plus", "f"), f_blend: float = 1.0) -> Rendered:
     """The authors' way: each reconstruction is a whole generator pass of its own (G(w+, f) re-runs the layers
     up to convs.3 that G(w+) already ran).  Same maths as :meth:`CLCAE.render`."""
     g = self.decoder
@@ -65,14 +64,12 @@ def three_pass_render(self: CLCAE, w: torch.Tensor, w_plus: torch.Tensor, f: tor
     if "w" in outputs:
         images["w"] = g.synthesis(g.broadcast(w))
     g5, skip = g.synthesis_prefix(w_plus)
-    if out is not None:
-        out.g5 = g5
     if "w_plus" in outputs:
         images["w_plus"] = g.synthesis_suffix(g5, skip, w_plus)
     if "f" in outputs:
         g5_again, skip_again = g.synthesis_prefix(w_plus)
         images["f"] = g.synthesis_suffix(blend_feature(g5_again, f, f_blend), skip_again, w_plus)
-    return {k: self.to_input_resolution(v) for k, v in images.items()}
+    return Rendered({k: self.to_input_resolution(v) for k, v in images.items()}, g5)
 
 
 def build_step(path: str, overrides: list[str], device: torch.device) -> InversionStep:
@@ -180,7 +177,7 @@ def bench_case(name: str, batch: int, steps: int) -> dict:
     wd, wpd, fd = (t.detach().requires_grad_() for t in (out.w, out.w_plus, out.f))
 
     def generator_only():
-        images = model.render(wd, wpd, fd)
+        images = model.render(wd, wpd, fd).images
         sum(i.square().mean() for i in images.values()).backward()
 
     generator_only()

@@ -513,17 +513,30 @@ class DirectionRegistry:
                 f"|strength| must be <= {entry.max_strength:g}"
             )
 
-    def _validated(self, edits: Edits) -> list[tuple[Entry, Strength]]:
+    def resolve(self, edits: Edits, check: bool = True) -> list[tuple[Entry, Strength]]:
+        """``edits`` as (entry, strength) pairs, in order.  ``check``: every strength is checked first, so a bad
+        request fails before any work; ``check=False`` is for edits already checked against this registry's
+        directions (Serve's ingress checks a request once, before the model call).  Unknown names fail either
+        way."""
         pairs = list(edits.items()) if isinstance(edits, Mapping) else list(edits)
-        for name, strength in pairs:
-            self.check_strength(name, strength)
+        if check:
+            for name, strength in pairs:
+                self.check_strength(name, strength)
         return [(self.get(name), strength) for name, strength in pairs]
 
-    def _apply(self, latent: torch.Tensor, edits: Edits, acts_on: str) -> torch.Tensor:
-        for entry, strength in self._validated(edits):
+    def _validated(self, edits: Edits) -> list[tuple[Entry, Strength]]:
+        return self.resolve(edits)
+
+    @staticmethod
+    def apply_resolved(latent: torch.Tensor, pairs: Sequence[tuple[Entry, Strength]], acts_on: str) -> torch.Tensor:
+        """Apply the resolved edits that act on ``acts_on`` ("w" or "w_plus"), one after another."""
+        for entry, strength in pairs:
             if entry.acts_on == acts_on:
                 latent = entry.apply(latent, strength)
         return latent
+
+    def _apply(self, latent: torch.Tensor, edits: Edits, acts_on: str) -> torch.Tensor:
+        return self.apply_resolved(latent, self.resolve(edits), acts_on)
 
     def apply_to_w(self, w: torch.Tensor, edits: Edits) -> torch.Tensor:
         """Apply the InterFaceGAN edits of ``edits`` to w (B, D). GANSpace edits are skipped (they act on

@@ -21,9 +21,9 @@ from clcae import pretrained
 from clcae.config import CLCAEConfig
 from clcae.data.images import InputError, decode_image, pil_to_tensor
 from clcae.device import DTYPES, autocast_context, pick_device
-from clcae.editing import DirectionRegistry, Edits
+from clcae.editing import DirectionRegistry, EditError, Edits
 from clcae.factory import build_clcae, build_directions
-from clcae.models.clcae import CLCAE, InversionOutput
+from clcae.models.clcae import CLCAE
 from clcae.models.stylegan2 import FEATURE_RES
 from clcae.pretrained import ModelSource
 
@@ -43,6 +43,20 @@ class Inversion:
     t3: torch.Tensor | None = None
     g5: torch.Tensor | None = None
     extra_images: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def select(self, rows: Sequence[int]) -> Inversion:
+        """The inversion of some of the batch's images (``rows``, in that order)."""
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.w.device)
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, index)
+
+        return Inversion(pick(self.w), pick(self.w_plus), pick(self.f), pick(self.image), pick(self.deltas),
+                         pick(self.t3), pick(self.g5), {k: pick(v) for k, v in self.extra_images.items()})
+
+
+# One batch's edits after DirectionRegistry.resolve: one list of (entry, strength) for the whole batch, or one per row
+_Plan = list[tuple[Any, Any]]
 
 
 class Inverter:
@@ -121,36 +135,85 @@ class Inverter:
         outputs = (self.main_output, *[o for o in extra_outputs if o != self.main_output])
         with self.arithmetic():
             w, w_plus, f, feats = m.latents(x)
-            out = InversionOutput(w=w, w_plus=w_plus, f=f)
-            images_out = m.render(w, w_plus, f, outputs, out=out)
+            rendered = m.render(w, w_plus, f, outputs)
+        images_out = rendered.images
         extra = {k: _f32(v) for k, v in images_out.items() if k != self.main_output}
         return Inversion(_f32(w), _f32(w_plus), _f32(f), _f32(images_out[self.main_output]), _f32(feats.deltas),
-                         _f32(feats.t3), _f32(out.g5), extra)
+                         _f32(feats.t3), _f32(rendered.g5), extra)
 
     @torch.inference_mode()
-    def edit(self, inversion: Inversion, edits: Edits) -> torch.Tensor:
+    def edit(self, inversion: Inversion, edits: Edits | None = None, *, per_image: Sequence[Edits] | None = None,
+             checked: bool = False) -> torch.Tensor:
         """G(w^+, f^) for the named edits.  InterFaceGAN moves w before the cross-attention blocks (so w+ and f
         follow, and the edited w is block 0's key/value, as the authors do); GANSpace moves w+; then
-        f^ = f(w^) + G5(w^+) - G5(w+) (Eq. 6).  Without an F branch: G(w^+).
+        f^ = f(w^) + G5(w^+) - G5(w+) (Eq. 6).  Without an F branch: G(w^+).  One generator pass (the
+        inversion's G5(w+) is reused).
+
+        ``edits`` applies to every image; ``per_image`` gives one Edits per image instead (Serve batches requests
+        with different edits).  Every edit is checked before any model work unless ``checked`` (the caller
+        already checked them against these directions, as Serve's ingress does).
 
         Without ``deltas``/``t3`` (latents that came back from a client) w-space edits are applied to every
         layer of w+ and f is kept: the FS-style edit.
         """
+        return self._edit(inversion, self._plans(edits, per_image, inversion.w.shape[0], checked))
+
+    @torch.inference_mode()
+    def invert_and_edit(self, images: Any, edits: Edits | None = None, *,
+                        per_image: Sequence[Edits | None] | None = None, checked: bool = False
+                        ) -> tuple[Inversion, torch.Tensor | None]:
+        """Invert a batch and edit it in one call: exactly :meth:`invert` then :meth:`edit`, two generator passes
+        (the reconstruction's and the edit's), with the encoder's T3 and residuals at hand, so w+ and f follow
+        a w-space edit.  Serve's upload edits run this in the inversion replica.
+
+        ``per_image``: one Edits per image, or None for an image that is only inverted (a Serve batch mixes
+        inversions and edits); the edited images are then those of the rows with edits, in order.  Returns
+        (the inversion of every image, the edited images or None when no image is edited).
+        """
+        x = self.preprocess(images)
+        batch = x.shape[0]
+        if per_image is not None and len(per_image) != batch:
+            raise EditError(f"per_image has {len(per_image)} entries for {batch} images: one per image")
+        rows = range(batch) if per_image is None else [i for i, e in enumerate(per_image) if e is not None]
+        plans = self._plans(edits, None if per_image is None else [per_image[i] for i in rows], len(rows), checked)
+        inversion = self.invert(x)  # only after every edit was checked: a bad request costs no model work
+        if not rows:
+            return inversion, None
+        part = inversion if len(rows) == batch else inversion.select(rows)
+        return inversion, self._edit(part, plans)
+
+    def _plans(self, edits: Edits | None, per_image: Sequence[Edits] | None, batch: int, checked: bool
+               ) -> list[_Plan]:
+        """Resolved edits: [one plan for the batch] or one plan per row; every one is checked first."""
+        if (edits is None) == (per_image is None):
+            raise EditError("give either edits (for every image) or per_image (one per image)")
+        if per_image is None:
+            return [self.directions.resolve(edits, check=not checked)]
+        if len(per_image) != batch:
+            raise EditError(f"per_image has {len(per_image)} entries for {batch} images: one per image")
+        return [self.directions.resolve(e, check=not checked) for e in per_image]
+
+    def _apply(self, latent: torch.Tensor, plans: list[_Plan], acts_on: str) -> torch.Tensor:
+        if len(plans) == 1:
+            return self.directions.apply_resolved(latent, plans[0], acts_on)
+        # row by row: latent arithmetic only (elementwise, so each row is what a batch-wide edit would give)
+        return torch.cat([self.directions.apply_resolved(latent[i:i + 1], p, acts_on) for i, p in enumerate(plans)])
+
+    def _edit(self, inversion: Inversion, plans: list[_Plan]) -> torch.Tensor:
         m = self.model
-        self.directions._validated(edits)  # fail before any model work
         # deltas[:, 0] is the encoder's own w offset: recomputing it as w - latent_avg would not be bit-exact.
         w_off = inversion.deltas[:, 0] if inversion.deltas is not None else inversion.w - m.latent_avg
-        w_off_edit = self.directions.apply_to_w(w_off, edits)
+        w_off_edit = self._apply(w_off, plans, "w")
         f_edit = None
         if inversion.deltas is not None:
             with self.arithmetic():
                 _, w_plus_edit, f_edit = m.heads(w_off_edit, inversion.deltas, inversion.t3)
         else:
             w_plus_edit = inversion.w_plus + (w_off_edit - w_off)[:, None]
-        w_plus_edit = self.directions.apply_to_w_plus(w_plus_edit, edits)
+        w_plus_edit = self._apply(w_plus_edit, plans, "w_plus")
         with self.arithmetic():
             if inversion.f is None:
-                return _f32(m.render(w_plus_edit, w_plus_edit, None, ("w_plus",))["w_plus"])
+                return _f32(m.render(w_plus_edit, w_plus_edit, None, ("w_plus",)).images["w_plus"])
             return _f32(m.edited_images(inversion.w_plus, inversion.f, w_plus_edit, f_edit, g5=inversion.g5))
 
     def latents_to_inversion(self, w: torch.Tensor, w_plus: torch.Tensor, f: torch.Tensor | None,
@@ -182,10 +245,9 @@ class Inverter:
         w, w_plus = w.to(dev).float(), w_plus.to(dev).float()
         f = f.to(dev).float() if f is not None else None
         deltas = deltas.to(dev).float() if deltas is not None else None
-        out = InversionOutput(w=w, w_plus=w_plus, f=f)
         with torch.inference_mode(), self.arithmetic():
-            image = self.model.render(w, w_plus, f, (self.main_output,), out=out)[self.main_output]
-        return Inversion(w, w_plus, f, _f32(image), deltas=deltas, g5=_f32(out.g5))
+            rendered = self.model.render(w, w_plus, f, (self.main_output,))
+        return Inversion(w, w_plus, f, _f32(rendered.images[self.main_output]), deltas=deltas, g5=_f32(rendered.g5))
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:

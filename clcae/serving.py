@@ -13,9 +13,13 @@ backpressure") only comes from a flood past ``ingress_limits``.  Every bad input
 ``{"error": ...}`` saying what was wrong.  Image decoding, PNG encoding and JSON parsing run in a small thread
 pool, never on the ingress's event loop, so a slow upload does not hold up /healthz or other requests.
 
-Edits of an uploaded image run through the invert deployment first; the edit then re-runs the W+ attention
-from the returned residuals, so w+ follows an InterFaceGAN edit as in the in-process path.  f is not
-recomputed from T3 (64x64x512 per image is too large to ship between replicas): it is edited by Eq. 6 only.
+An uploaded image's edit is one call of the invert deployment: ``Inverter.invert_and_edit``, the same code as
+in-process, in the same batch as inversions (two generator passes: the reconstruction's and the edit's; the
+encoder's T3 and residuals never leave the replica, so w+ and f follow a w-space edit exactly as in-process).  The
+ingress checks the edits once, before the call.  ``EditModel`` serves edits of latents a client sends back.
+
+Between deployments images travel as HxWx3 uint8 arrays and latents as float32 numpy arrays (not torch tensors,
+whose pickling costs ~10x more); the ingress does every decode and PNG encode, in its pool.
 """
 
 # No `from __future__ import annotations`: FastAPI must resolve the route signatures at run time.
@@ -26,6 +30,7 @@ import json
 import logging
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -156,6 +161,41 @@ def _short(x: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+class Stages:
+    """Where one request's time went, in ms, sent back as a ``Server-Timing`` header (and read by
+    bench/serve_load.py): the ingress's own stages as laps (``read`` the body, ``decode``/``align``, ``encode``,
+    ...), and each model call split into the replica's stages (``queue``: waiting for a batch, ``model``: the
+    batch's model call, ``post``: its outputs made ready to send) and ``handle``: the rest of the call's round trip
+    (routing, serialisation, transport).  ``total`` is the ingress's time from the route's start."""
+
+    def __init__(self) -> None:
+        self.start = self.mark = time.perf_counter()
+        self.ms: dict[str, float] = {}
+
+    def _add(self, stage: str, ms: float) -> None:
+        self.ms[stage] = self.ms.get(stage, 0.0) + ms
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self._add(stage, (now - self.mark) * 1000)
+        self.mark = now
+
+    def call(self, replica: dict[str, float] | None) -> None:
+        """Lap for a model call whose answer carried the replica's ``timing``."""
+        now = time.perf_counter()
+        round_trip = (now - self.mark) * 1000
+        self.mark = now
+        inside = 0.0
+        for stage, ms in (replica or {}).items():
+            self._add(stage, ms)
+            inside += ms
+        self._add("handle", max(0.0, round_trip - inside))
+
+    def header(self) -> dict[str, str]:
+        stages = {**self.ms, "total": (time.perf_counter() - self.start) * 1000}
+        return {"Server-Timing": ", ".join(f"{k};dur={v:.2f}" for k, v in stages.items())}
+
+
 def latent_shapes(cfg: CLCAEConfig) -> dict[str, tuple[int, ...]]:
     """Per-image shapes of the latents /v1/invert returns and /v1/edit takes back: w, w+, f (G5's output,
     FEATURE_RES x FEATURE_RES) and the encoder's residuals (like w+)."""
@@ -180,10 +220,21 @@ def ingress_limits(s: ServeConfig) -> dict[str, int]:
     return {"max_ongoing_requests": ongoing, "max_queued_requests": ongoing}
 
 
-def _png(image) -> bytes:
-    from clcae.data.images import encode_png, tensor_to_pil
+def _uint8(images: "torch.Tensor") -> np.ndarray:
+    """(B, 3, H, W) model output in [-1, 1] -> (B, H, W, 3) uint8, as ``tensor_to_pil`` rounds it: what travels
+    from a model replica to the ingress (a quarter of float32's bytes; the PNG is made in the ingress)."""
+    import torch
 
-    return encode_png(tensor_to_pil(image[None] if image.ndim == 3 else image)[0])
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _png(image: np.ndarray) -> bytes:
+    """An HxWx3 uint8 image (a model output, see _uint8) as PNG bytes."""
+    from PIL import Image
+
+    from clcae.data.images import encode_png
+
+    return encode_png(Image.fromarray(image))
 
 
 def align_domain(cfg: CLCAEConfig) -> str:
@@ -253,31 +304,71 @@ def _encode_photo(image: "Image.Image", fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def _timed(rows: list[dict[str, Any]], start: float, done: float) -> list[dict[str, Any]]:
+    """Each answer of a batch gets the batch's ``timing``: its start (made into the queue wait by :func:`_queued`),
+    the model call, and the time since (outputs made ready to send), in ms."""
+    now = time.perf_counter()
+    for row in rows:
+        row["timing"] = {"start": start, "model": (done - start) * 1000, "post": (now - done) * 1000}
+    return rows
+
+
+def _queued(row: dict[str, Any], entered: float) -> dict[str, Any]:
+    timing = row["timing"]
+    timing["queue"] = max(0.0, (timing.pop("start") - entered) * 1000)
+    return row
+
+
 @serve.deployment(name="InvertModel")
 class InvertModel:
-    """The Inverter with dynamic batching: concurrent requests become one model call."""
+    """The Inverter with dynamic batching: concurrent requests become one model call.  A request is an image
+    (HxWx3 uint8 at the encoder's input size) and, for an uploaded image's edit, its edits (checked by the
+    ingress); one batch mixes both (``Inverter.invert_and_edit``)."""
 
     def __init__(self, config: dict[str, Any], source: Any = None):
         self.inverter = _inverter(config, source)
         cfg = from_dict(config).serve
         self.invert_batch.set_max_batch_size(cfg.max_batch_size)
         self.invert_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def invert_batch(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        # The model runs in this one thread, off the replica's event loop: while a batch computes (torch releases
+        # the GIL), the loop takes in the next requests and sends the last batch's answers.  The thread gets the
+        # replica's torch thread count (_inverter set it).
         import torch
 
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        res = self.inverter.invert(x.to(self.inverter.device))
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clcae-model",
+                                               initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def invert_batch(self, images: list[np.ndarray], edits: list[list[tuple[str, float]] | None]
+                           ) -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.model_thread, self._run, images, edits)
+
+    def _run(self, images: list[np.ndarray], edits: list[list[tuple[str, float]] | None]) -> list[dict[str, Any]]:
+        import torch
+
         from clcae.metrics import psnr
 
+        start = time.perf_counter()
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        res, edited = self.inverter.invert_and_edit(x.to(self.inverter.device), per_image=edits, checked=True)
+        done = time.perf_counter()
+        recon = _uint8(res.image.cpu())
+        edited_u8 = iter(_uint8(edited.cpu()) if edited is not None else ())
         scores = psnr(res.image.float().cpu().clamp(-1, 1), x).tolist()
-        return [{"w": res.w[i].cpu(), "w_plus": res.w_plus[i].cpu(), "deltas": res.deltas[i].cpu(),
-                 "f": res.f[i].cpu(), "image": res.image[i].cpu(), "psnr": scores[i],
-                 "batch_size": len(images), "model_id": self.inverter.model_id} for i in range(len(images))]
+        latents = {k: getattr(res, k).cpu().numpy() for k in ("w", "w_plus", "deltas", "f")}
+        meta = {"batch_size": len(images), "model_id": self.inverter.model_id}
+        out = []
+        for i, e in enumerate(edits):
+            if e is None:
+                out.append({**{k: v[i] for k, v in latents.items()}, "image": recon[i], "psnr": scores[i], **meta})
+            else:  # an uploaded image's edit: the edited image and the reconstruction, no latents
+                out.append({"image": next(edited_u8), "reconstruction": recon[i], **meta})
+        return _timed(out, start, done)
 
-    async def __call__(self, image: np.ndarray) -> dict[str, Any]:
-        return await self.invert_batch(image)
+    async def __call__(self, image: np.ndarray, edits: list[tuple[str, float]] | None = None) -> dict[str, Any]:
+        entered = time.perf_counter()
+        return _queued(await self.invert_batch(image, edits), entered)
 
     def check_health(self) -> None:
         if self.inverter is None:
@@ -286,16 +377,22 @@ class InvertModel:
 
 @serve.deployment(name="EditModel")
 class EditModel:
+    """Edits of latents a client sends back (JSON /v1/edit); an uploaded image's edit runs in InvertModel."""
+
     def __init__(self, config: dict[str, Any], source: Any = None):
         self.inverter = _inverter(config, source)
 
     async def __call__(self, latents: dict[str, np.ndarray], edits: list[tuple[str, float]]):
         import torch
 
+        start = time.perf_counter()
         inv = self.inverter
         t = {k: torch.from_numpy(np.array(v, np.float32))[None] for k, v in latents.items()}  # a writable copy
         inversion = inv.latents_to_inversion(t["w"], t["w_plus"], t["f"], t.get("deltas"))
-        return {"image": inv.edit(inversion, edits)[0].cpu(), "reconstruction": inversion.image[0].cpu()}
+        edited = inv.edit(inversion, edits, checked=True)  # the ingress checked the edits
+        done = time.perf_counter()
+        out = {"image": _uint8(edited.cpu())[0], "reconstruction": _uint8(inversion.image.cpu())[0]}
+        return {**out, "timing": {"model": (done - start) * 1000, "post": (time.perf_counter() - done) * 1000}}
 
 
 app = FastAPI(title="CLCAE", version="1", description="StyleGAN2 inversion and editing (CLCAE, CVPR 2023)")
@@ -375,8 +472,6 @@ class Api:
 
     def _align(self, data: bytes | None, name: str, face: int) -> AlignedPhoto:
         """Decode the photo, find every face, pick one (runs in the pool, see _offload)."""
-        import time
-
         from clcae.align import NoFaceError
         from clcae.data.images import MIN_IMAGE_SIZE, InputError, UnreadableImageError, decode_image
 
@@ -404,12 +499,13 @@ class Api:
                            extra={"faces": _faces_json(faces)})
         return AlignedPhoto(pixels, faces, face, self.align_domain, (time.perf_counter() - start) * 1000)
 
-    def _paste(self, aligned: AlignedPhoto, image: "torch.Tensor", fmt: str) -> bytes:
+    def _paste(self, aligned: AlignedPhoto, image: np.ndarray, fmt: str) -> bytes:
         """A model output (the crop's reconstruction or edit) pasted into the whole photo, encoded (pool)."""
-        from clcae.align import paste_back
-        from clcae.data.images import tensor_to_pil
+        from PIL import Image
 
-        crop = tensor_to_pil(image[None])[0]
+        from clcae.align import paste_back
+
+        crop = Image.fromarray(image)
         # faces: the soft ellipse, so the background the model gets wrong stays the photo's; cars: the whole crop
         mask = "face" if aligned.domain == "faces" else "square"
         return _encode_photo(paste_back(aligned.photo, crop, aligned.face.quad, mask=mask), fmt)
@@ -612,18 +708,24 @@ class Api:
         self._auth(request)
         if format not in ("json", "png"):
             raise ApiError(400, f"format must be 'json' or 'png', got {format!r}")
+        st = Stages()
         with self._admitted():
             data, name, fields = await self._image_and_fields(request)
+            st.lap("read")
             aligning, index, photo_fmt = self._align_options(fields, align, face, photo_format)
             aligned = await self._offload(self._align, data, name, index) if aligning else None
             pixels = aligned.pixels if aligned else await self._offload(self._decode, data, name)
+            st.lap("align" if aligned else "decode")
             res = await self._call(self.inverter, pixels)
+            st.call(res.get("timing"))
             if format == "png" and aligned:
                 whole = await self._offload(self._paste, aligned, res["image"], photo_fmt)
-                return Response(whole, media_type=PHOTO_FORMATS[photo_fmt])
+                st.lap("paste")
+                return Response(whole, media_type=PHOTO_FORMATS[photo_fmt], headers=st.header())
             png = await self._offload(_png, res["image"])
+            st.lap("encode")
         if format == "png":
-            return Response(png, media_type="image/png")
+            return Response(png, media_type="image/png", headers=st.header())
         body = {
             "model_id": res["model_id"], "psnr": res["psnr"], "batch_size": res["batch_size"],
             "w": res["w"].tolist(), "w_plus": res["w_plus"].tolist(),
@@ -633,7 +735,8 @@ class Api:
         }
         if aligned:
             body["align"] = aligned.describe()
-        return JSONResponse(body)
+        st.lap("json")
+        return JSONResponse(body, headers=st.header())
 
     @app.post("/v1/edit", responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}})
     async def edit(self, request: Request, format: str = "png", align: str | None = None,
@@ -646,8 +749,10 @@ class Api:
         JSON holds it as ``photo_png`` / ``photo_jpeg`` beside the edited crop, the reconstruction and
         ``align``."""
         self._auth(request)
+        st = Stages()
         with self._admitted():
             data, name, fields = await self._image_and_fields(request)
+            st.lap("read")
             aligning, index, photo_fmt = self._align_options(fields, align, face, photo_format)
             aligned = None
             if "_json" in fields:
@@ -655,6 +760,7 @@ class Api:
                     raise ApiError(400, "align=true needs the photo: send a multipart form with 'image' and "
                                         "'edits' (latents alone cannot be pasted back into a photo)")
                 edits, latents, requested = await self._offload(self._edit_request, fields["_json"])
+                st.lap("parse")
             else:
                 edits = self._edits(fields.get("edits"))
                 requested = fields.get("format")
@@ -667,23 +773,31 @@ class Api:
                     pixels = aligned.pixels
                 else:
                     pixels = await self._offload(self._decode, data, name)
-                inverted = await self._call(self.inverter, pixels)
-                latents = {k: inverted[k].numpy() for k in ("w", "w_plus", "f", "deltas")}
-            out = await self._call(self.editor, latents, edits)
+                st.lap("align" if aligned else "decode")
+                out = await self._call(self.inverter, pixels, edits)  # invert and edit in one model call
+            else:
+                out = await self._call(self.editor, latents, edits)
+            st.call(out.get("timing"))
             whole = await self._offload(self._paste, aligned, out["image"], photo_fmt) if aligned else None
+            if aligned:
+                st.lap("paste")
             if format == "png":
                 if whole is not None:
-                    return Response(whole, media_type=PHOTO_FORMATS[photo_fmt])
-                return Response(await self._offload(_png, out["image"]), media_type="image/png")
+                    return Response(whole, media_type=PHOTO_FORMATS[photo_fmt], headers=st.header())
+                png = await self._offload(_png, out["image"])
+                st.lap("encode")
+                return Response(png, media_type="image/png", headers=st.header())
             png = await self._offload(_png, out["image"])
             recon = await self._offload(_png, out["reconstruction"])
+            st.lap("encode")
         body = {"edits": [{"direction": n, "strength": s} for n, s in edits],
                 "image_png": base64.b64encode(png).decode(),
                 "reconstruction_png": base64.b64encode(recon).decode()}
         if aligned:
             body["align"] = aligned.describe()
             body[f"photo_{photo_fmt}"] = base64.b64encode(whole).decode()
-        return JSONResponse(body)
+        st.lap("json")
+        return JSONResponse(body, headers=st.header())
 
 
 # ---------------------------------------------------------------------------------------------- building

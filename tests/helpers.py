@@ -70,19 +70,21 @@ def smile_direction(folder: Path) -> list[str]:
             "directions.smile.max_strength=5"]
 
 
+def serve_config(folder: Path, *overrides: str) -> CLCAEConfig:
+    """The tiny model's config for Serve on a free loopback port, one replica, with the ``smile`` direction."""
+    return tiny(f"serve.port={free_port()}", "serve.cpus_per_replica=0.5", "serve.max_replicas=1",
+                *smile_direction(folder), *overrides)
+
+
 @contextlib.contextmanager
-def serve_app(folder: Path, *overrides: str, html: str = "<html><body>editor</body></html>") -> Iterator[str]:
-    """The tiny model served on a free loopback port with the ``smile`` direction (needs a Ray cluster);
-    yields the base URL and shuts Serve down after."""
+def serve_app(cfg: CLCAEConfig, html: str = "<html><body>editor</body></html>") -> Iterator[str]:
+    """The app of ``cfg`` served (needs a Ray cluster); yields the base URL and shuts Serve down after."""
     from ray import serve
 
     from clcae.serving import start
 
-    port = free_port()
-    cfg = tiny(f"serve.port={port}", "serve.cpus_per_replica=0.5", "serve.max_replicas=1",
-               *smile_direction(folder), *overrides)
     start(cfg, html)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{cfg.serve.port}"
     finally:
         serve.shutdown()

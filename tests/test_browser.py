@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, serve_app
+from helpers import ROOT, serve_app, serve_config
 from playwright import sync_api
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -52,7 +52,7 @@ def _png(size: int = 80) -> bytes:
 def app_url(ray_cluster, tmp_path_factory) -> Iterator[str]:
     html = _page_html()
     assert 'id="edited-img"' in html, "serve/static/index.html is missing or not the editor page"
-    with serve_app(tmp_path_factory.mktemp("directions"), "serve.min_replicas=1", html=html) as url:
+    with serve_app(serve_config(tmp_path_factory.mktemp("directions"), "serve.min_replicas=1"), html) as url:
         yield url
 
 

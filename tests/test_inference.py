@@ -52,6 +52,82 @@ def test_edit_errors_name_the_problem(inverter):
         inverter.edit(res, [("smile", 50.0)])
 
 
+class GeneratorPasses:
+    """Counts generator passes by wrapping the generator's prefix (up to convs.3) and suffix; a whole image is one
+    of each."""
+
+    def __init__(self, generator):
+        self.generator, self.counts = generator, {"prefix": 0, "suffix": 0}
+
+    def __enter__(self):
+        for part in self.counts:
+            original = getattr(self.generator, f"synthesis_{part}")
+
+            def counted(*a, _original=original, _part=part, **k):
+                self.counts[_part] += 1
+                return _original(*a, **k)
+
+            setattr(self.generator, f"synthesis_{part}", counted)
+        return self
+
+    def __exit__(self, *exc):
+        for part in self.counts:
+            del self.generator.__dict__[f"synthesis_{part}"]
+
+
+def images(n: int) -> torch.Tensor:
+    return torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(n)) * 2 - 1
+
+
+def test_invert_and_edit_is_invert_then_edit_in_two_generator_passes_not_three(inverter):
+    x, edits = images(2), [("smile", 2.0)]
+    g = inverter.model.decoder
+    with GeneratorPasses(g) as one_call:
+        inversion, edited = inverter.invert_and_edit(x, edits)
+    with GeneratorPasses(g) as two_calls:
+        separate = inverter.invert(x)
+        expected = inverter.edit(separate, edits)
+    assert one_call.counts == two_calls.counts == {"prefix": 2, "suffix": 2}
+    torch.testing.assert_close(edited, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(inversion.image, separate.image, rtol=0, atol=1e-5)
+    # Serve's old path for an uploaded image: invert in one replica, ship w, w+, f and the residuals to the edit
+    # replica, which re-rendered the reconstruction (a third pass) and edited without T3 (f followed by Eq. 6 only)
+    with GeneratorPasses(g) as shipped:
+        again = inverter.latents_to_inversion(separate.w, separate.w_plus, separate.f, separate.deltas)
+        old = inverter.edit(again, edits)
+    assert shipped.counts == {"prefix": 2, "suffix": 2}  # + the inversion's 1 and 1 = three passes
+    assert torch.equal(inverter.invert_and_edit(x, [("smile", 0.0)])[1], inversion.image)  # strength 0: exact
+    assert not torch.allclose(old, edited, atol=1e-4)  # the old upload path did not re-run F attention on T3
+
+
+def test_invert_and_edit_takes_one_edit_per_image_or_none(inverter):
+    x = images(3)
+    per_image = [[("smile", 2.0)], None, {"smile": -1.5}]
+    g = inverter.model.decoder
+    with GeneratorPasses(g) as passes:
+        inversion, edited = inverter.invert_and_edit(x, per_image=per_image)
+    assert passes.counts == {"prefix": 2, "suffix": 2} and edited.shape == (2, 3, 64, 64)
+    alone = [inverter.invert_and_edit(x[i:i + 1], e)[1][0] for i, e in ((0, per_image[0]), (2, per_image[2]))]
+    # alone = other batch sizes, whose CPU kernels round differently (1e-5 here): what batching always costs
+    torch.testing.assert_close(edited, torch.stack(alone), rtol=0, atol=1e-4)
+    torch.testing.assert_close(inversion.image, inverter.invert(x).image, rtol=0, atol=1e-5)
+    assert inverter.invert_and_edit(x, per_image=[None] * 3)[1] is None
+
+
+def test_invert_and_edit_checks_edits_before_any_model_work(inverter):
+    g = inverter.model.decoder
+    with GeneratorPasses(g) as passes:
+        with pytest.raises(EditError, match="5"):
+            inverter.invert_and_edit(images(2), per_image=[None, [("smile", 50.0)]])
+        with pytest.raises(EditError, match="smiel"):
+            inverter.invert_and_edit(images(1), [("smiel", 1.0)], checked=True)  # names are always resolved
+        with pytest.raises(EditError, match="one per image"):
+            inverter.invert_and_edit(images(2), per_image=[None])
+    assert passes.counts == {"prefix": 0, "suffix": 0}
+    # checked=True: the caller (Serve's ingress) already checked the strengths; they are not checked again
+    assert inverter.invert_and_edit(images(1), [("smile", 50.0)], checked=True)[1].shape == (1, 3, 64, 64)
+
+
 def test_checkpoint_round_trip_gives_the_same_inversion(inverter, tmp_path):
     cfg = load_config("configs/tiny.yaml")
     save_checkpoint(tmp_path / "c.pt", "inversion", inverter.model, to_dict(cfg), model_id="tiny@1")

@@ -185,6 +185,23 @@ def test_shared_prefix_render_equals_separate_generator_passes(tiny_model):
         torch.testing.assert_close(out.image_f, g.synthesis(out.w_plus, f=out.f), rtol=1e-5, atol=1e-5)
 
 
+def test_render_returns_its_outputs_and_changes_no_argument(tiny_model):
+    from clcae.models.clcae import Rendered
+
+    tiny_model.eval()
+    with torch.no_grad():
+        out = tiny_model(torch.rand(2, 3, 64, 64) * 2 - 1)
+        args = (out.w.clone(), out.w_plus.clone(), out.f.clone())
+        rendered = tiny_model.render(*args, outputs=("w_plus", "f"))
+        g5 = tiny_model.decoder.synthesis_prefix(out.w_plus)[0]
+    assert isinstance(rendered, Rendered) and set(rendered.images) == {"w_plus", "f"}
+    assert all(torch.equal(a, b) for a, b in zip(args, (out.w, out.w_plus, out.f)))  # inputs untouched
+    torch.testing.assert_close(rendered.images["f"], out.image_f, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rendered.images["w_plus"], out.image_w_plus, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rendered.g5, g5, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.g5, tiny_model.render(out.w, out.w_plus, out.f).g5)  # forward reports render's G5
+
+
 def test_encoder_gets_gradients_generator_does_not(tiny_model):
     tiny_model.train()
     tiny_model.zero_grad()

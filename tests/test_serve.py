@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import MODE_ZOO, ROOT, forged_png, noise_image, serve_app
+from helpers import MODE_ZOO, ROOT, forged_png, noise_image, serve_app, serve_config
 from PIL import Image
 
 from clcae.config import load_config
@@ -19,9 +19,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, tmp_path_factory):
-    with serve_app(tmp_path_factory.mktemp("dirs"), "serve.max_body_mb=1", "serve.max_queued_requests=4",
-                   "serve.max_ongoing_requests=8", "serve.max_batch_size=8") as url:
+def served_config(tmp_path_factory):
+    return serve_config(tmp_path_factory.mktemp("dirs"), "serve.max_body_mb=1", "serve.max_queued_requests=4",
+                        "serve.max_ongoing_requests=8", "serve.max_batch_size=8")
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, served_config):
+    with serve_app(served_config) as url:
         yield url
 
 
@@ -67,6 +72,29 @@ def test_edit_from_an_uploaded_image(server):
     r = httpx.post(f"{server}/v1/edit", files={"image": ("a.png", noise_image())},
                    data={"edits": '[{"direction": "smile", "strength": 2}]'}, timeout=60)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+
+
+def test_an_uploaded_images_edit_is_the_in_process_invert_and_edit(server, served_config):
+    """One call of the invert replica, Inverter.invert_and_edit: the same code as in-process, so the HTTP edit
+    and reconstruction are the in-process ones (to a uint8 level: the replica runs 1 torch thread)."""
+    from clcae.data.images import decode_image, pil_to_tensor, tensor_to_pil
+    from clcae.inference import Inverter
+
+    image = noise_image(seed=5)
+    r = httpx.post(f"{server}/v1/edit", files={"image": ("a.png", image)}, timeout=60,
+                   data={"edits": '[{"direction": "smile", "strength": 2}]', "format": "json"})
+    assert r.status_code == 200, r.text
+    assert {"read", "decode", "queue", "model", "handle", "encode", "total"} <= {
+        part.split(";")[0].strip() for part in r.headers["server-timing"].split(",")}
+    inverter = Inverter.from_config(served_config, device="cpu")
+    inversion, edited = inverter.invert_and_edit(pil_to_tensor(decode_image(image), (64, 64))[None], [("smile", 2.0)])
+
+    def pixels(png: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(png))), dtype=int)
+
+    for got, want in ((r.json()["image_png"], edited), (r.json()["reconstruction_png"], inversion.image)):
+        assert np.abs(pixels(got) - np.asarray(tensor_to_pil(want)[0], dtype=int)).max() <= 1
+    assert np.abs(pixels(r.json()["image_png"]) - pixels(r.json()["reconstruction_png"])).max() > 5  # it edits
 
 
 @pytest.mark.parametrize("mode,fmt", MODE_ZOO)

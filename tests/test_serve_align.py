@@ -12,7 +12,7 @@ import io
 import httpx
 import numpy as np
 import pytest
-from helpers import ROOT, encode, serve_app
+from helpers import ROOT, encode, serve_app, serve_config
 from PIL import Image
 from skimage import data as skimage_data
 
@@ -51,7 +51,7 @@ def photos() -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, tmp_path_factory):
-    with serve_app(tmp_path_factory.mktemp("dirs"), "serve.max_body_mb=4") as url:
+    with serve_app(serve_config(tmp_path_factory.mktemp("dirs"), "serve.max_body_mb=4")) as url:
         yield url
 
 

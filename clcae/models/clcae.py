@@ -43,6 +43,16 @@ class InversionOutput:
     deltas: torch.Tensor | None = None    # (B, N, D) encoder residuals, reused by w-space edits
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """What :meth:`CLCAE.render` returns: the requested reconstructions at the input resolution, by output name
+    ("w", "w_plus", "f"), and G5(w+) (the feature entering ``convs.4``), which the prefix pass computed anyway:
+    the feature regulariser and Eq. 6 edits reuse it."""
+
+    images: dict[str, torch.Tensor]
+    g5: torch.Tensor                      # (B, C, 16, 16) = G5(w+)
+
+
 def crop_and_pool(images: torch.Tensor, crop: tuple[int, int, int, int] | None, size: tuple[int, int]
                   ) -> torch.Tensor:
     """Crop (cars: the car rows of the 512 output) and average-pool generator output to the encoder's input
@@ -144,23 +154,21 @@ class CLCAE(nn.Module):
         if unknown:
             raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUTS}")
         w, w_plus, f, feats = self.latents(x)
-        out = InversionOutput(w=w, w_plus=w_plus, f=f, deltas=feats.deltas)
-        images = self.render(w, w_plus, f, outputs, f_blend, out)
-        out.image_w, out.image_w_plus, out.image_f = (images.get(k) for k in OUTPUTS)
-        return out
+        rendered = self.render(w, w_plus, f, outputs, f_blend)
+        images = rendered.images
+        return InversionOutput(w=w, w_plus=w_plus, f=f, g5=rendered.g5, image_w=images.get("w"),
+                               image_w_plus=images.get("w_plus"), image_f=images.get("f"), deltas=feats.deltas)
 
     def render(self, w: torch.Tensor, w_plus: torch.Tensor, f: torch.Tensor | None,
-               outputs: Collection[str] = OUTPUTS, f_blend: float = 1.0, out: InversionOutput | None = None
-               ) -> dict[str, torch.Tensor]:
-        """Reconstructions with one prefix pass (w and w+ stacked) and one suffix pass (features stacked)."""
+               outputs: Collection[str] = OUTPUTS, f_blend: float = 1.0) -> Rendered:
+        """Reconstructions with one prefix pass (w and w+ stacked) and one suffix pass (features stacked), and
+        G5(w+) from that prefix pass."""
         g = self.decoder
         b = w_plus.shape[0]
         prefix_lat = [w_plus] if "w" not in outputs else [g.broadcast(w), w_plus]
         lat = torch.cat(prefix_lat)
         g5_all, skip_all = g.synthesis_prefix(lat)
         g5_wp, skip_wp = g5_all[-b:], skip_all[-b:]
-        if out is not None:
-            out.g5 = g5_wp
         parts = []  # (name, feature entering convs.4, 16x16 rgb skip, latents)
         if "w" in outputs:
             parts.append(("w", g5_all[:b], skip_all[:b], prefix_lat[0]))
@@ -173,19 +181,20 @@ class CLCAE(nn.Module):
             parts.append(("f", blend_feature(g5_wp, f, f_blend), skip_wp, w_plus))
         names = [p[0] for p in parts]
         if not names:
-            return {}
+            return Rendered({}, g5_wp)
         images = g.synthesis_suffix(*(torch.cat([p[i] for p in parts]) for i in (1, 2, 3)))
         images = self.to_input_resolution(images)
-        return dict(zip(names, images.split(b)))
+        return Rendered(dict(zip(names, images.split(b))), g5_wp)
 
     # ----------------------------------------------------------------------------------------- editing
     def edited_images(self, w_plus: torch.Tensor, f: torch.Tensor, w_plus_edit: torch.Tensor,
                       f_edit: torch.Tensor | None = None, g5: torch.Tensor | None = None) -> torch.Tensor:
         """G(w^+, f^) with f^ = f_edit + G5(w^+) - G5(w+) (Eq. 6); f_edit defaults to f.
 
-        ``g5`` = G5(w+) when the caller already has it (``InversionOutput.g5``).  The edited prefix runs at
-        the same batch size as the reconstruction's, so an edit of strength 0 reproduces ``render(...,
-        outputs=("f",))`` bit for bit (batched CPU kernels are not bit-stable across batch compositions).
+        ``g5`` = G5(w+) when the caller already has it (``InversionOutput.g5``, ``Rendered.g5``).  The edited
+        prefix runs at the same batch size as the reconstruction's, so an edit of strength 0 reproduces
+        ``render(..., outputs=("f",))`` bit for bit (batched CPU kernels are not bit-stable across batch
+        compositions).
         """
         g = self.decoder
         if g5 is None:
