@@ -300,9 +300,7 @@ def _fault_due(marker: str | None) -> bool:
 def decode_rows(batch: dict[str, np.ndarray], size: tuple[int, int], skip: dict[str, list[str]] | None = None,
                 min_size: int = MIN_IMAGE_SIZE) -> dict[str, np.ndarray]:
     """key/source/image bytes -> key/source/pixels (B, H, W, 3) uint8 at the input size, error ('' if fine)."""
-    from PIL import Image
-
-    from clcae.data.images import InputError, decode_input_image
+    from clcae.data.images import InputError, decode_input_image, to_pixels
 
     keys, sources, images = batch["key"], batch["source"], batch["image"]
     read_errors = batch["error"] if "error" in batch else [""] * len(keys)
@@ -317,7 +315,7 @@ def decode_rows(batch: dict[str, np.ndarray], size: tuple[int, int], skip: dict[
             if error:
                 raise InputError(error)
             im = decode_input_image(bytes(data), min_size)
-            arr = np.asarray(im.resize((w, h), Image.Resampling.BICUBIC) if im.size != (w, h) else im, np.uint8)
+            arr = to_pixels(im, size)
         except InputError as exc:
             error = str(exc)
         except MemoryError as exc:  # the worker's memory, not the image (bombs are refused by size first)
@@ -424,7 +422,7 @@ class InvertActor:
         self.faults = faults or BatchFaults()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
+        from clcae.data.images import uint8_to_unit
 
         if _fault_due(self.faults.die_marker):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -439,7 +437,7 @@ class InvertActor:
         if self.with_f:
             out["f"] = np.zeros((b, c * 256), np.float16)
         if ok.any():
-            x = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).permute(0, 3, 1, 2).float() / 127.5 - 1
+            x = uint8_to_unit(batch["pixels"][ok], self.inverter.device)
             # The pixels were validated by decode_rows: nothing the model raises is the input's fault, so no
             # exception here becomes an error row. Out of memory is retried on halves of the batch, then by Ray;
             # anything else (a broken model) fails the job, which a re-run resumes.
@@ -476,7 +474,7 @@ class InvertActor:
         if self.psnr:
             from clcae.metrics import psnr
 
-            out["psnr"][rows] = psnr(res.image.float().cpu(), x).numpy()
+            out["psnr"][rows] = psnr(res.image.float(), x).cpu().numpy()
         if self.edits and batch is not None:
             self._write_edits(res, rows, batch)
 

@@ -263,9 +263,9 @@ class InvertModel:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def invert_batch(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
-        import torch
+        from clcae.data.images import uint8_to_unit
 
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = uint8_to_unit(np.stack(images))
         res = self.inverter.invert(x.to(self.inverter.device))
         from clcae.metrics import psnr
 
@@ -468,7 +468,7 @@ class Api:
 
     def _decode(self, data: bytes | None, name: str) -> np.ndarray:
         """Runs in the pool (see _offload)."""
-        from clcae.data.images import InputError, UnreadableImageError, decode_image, pil_to_tensor
+        from clcae.data.images import InputError, UnreadableImageError, decode_image, to_pixels
 
         if data is None:
             raise ApiError(400, "no image: send the file as the request body or as the multipart field 'image'")
@@ -478,8 +478,7 @@ class Api:
             raise ApiError(415 if isinstance(exc, UnreadableImageError) else 400, f"bad image: {exc}") from None
         if min(im.size) < 16:
             raise ApiError(400, f"bad image: {name} is {im.width}x{im.height}: too small (at least 16 px a side)")
-        x = pil_to_tensor(im, tuple(self.cfg.encoder.input_size))
-        return ((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        return to_pixels(im, tuple(self.cfg.encoder.input_size))
 
     async def _call(self, handle: DeploymentHandle, *args: Any) -> Any:
         from clcae.data.images import InputError

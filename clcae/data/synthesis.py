@@ -74,13 +74,14 @@ class PairGenerator:
     def render(self, seeds: list[int]) -> tuple[np.ndarray, list[bytes], tuple[int, int]]:
         from PIL import Image
 
+        from clcae.data.images import unit_to_uint8
         from clcae.models.clcae import crop_and_pool
 
         g = self.generator
         w = g.mapping(seed_z(seeds, g.style_dim).to(self.device))
         crop = tuple(self.cfg.generator.crop) if self.cfg.generator.crop else None
         images = crop_and_pool(g.synthesis(w), crop, tuple(self.cfg.encoder.input_size)).clamp(-1, 1)
-        arr = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        arr = unit_to_uint8(images)
         pngs = []
         for a in arr:
             buf = io.BytesIO()
