@@ -263,6 +263,36 @@ RETRIED_ERRORS = [TransientError.__name__]
 INPUT_READ_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
+# --------------------------------------------------------------------------------------------- timing
+# Where the job's time goes, counted where it is spent and carried to the sink as columns of the rows themselves
+# (a stage's seconds for a batch on the batch's first row, 0 on the others), so the totals are exact across
+# processes and cost no extra messages. Neither table stores them.  Seconds are summed over batches: stages that
+# overlap (decode tasks beside the inversion actor) can add up to more than the job's wall time.
+#   t_read    reading image files (folder inputs; Parquet shards are read by Ray's own read tasks)
+#   t_decode  decoding, validating and resizing to uint8 pixels (or aligning faces)
+#   t_load    an actor's construction: imports and building/loading the model (one value per actor start)
+#   t_invert  the actor's work on a batch: uint8 -> [-1, 1] on the device, the model, PSNR, the output arrays
+#   t_invert_cpu  the CPU time the actor's process got for that work (all its threads): below t_invert when the
+#             machine's other processes take the cores
+#   t_ready   wall clock (time.time()) at which an actor finished loading its model (first batch's first row)
+#   t_first   wall clock at which an actor received its first batch
+#   t_done    wall clock at which an actor finished a batch (the sink keeps the latest)
+TIMING_COLUMNS = ("t_read", "t_decode", "t_load", "t_invert", "t_invert_cpu", "t_ready", "t_first", "t_done")
+EARLIEST, LATEST = ("t_ready", "t_first"), ("t_done",)
+
+
+def _on_first_row(n: int, value: float) -> np.ndarray:
+    col = np.zeros(n, np.float64)
+    if n:
+        col[0] = value
+    return col
+
+
+def _seconds(batch: dict[str, np.ndarray], name: str) -> float:
+    """The total of a timing column over a batch (0 when the batch does not carry it)."""
+    return float(np.sum(batch[name])) if name in batch else 0.0
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA/MPS out of memory, or a host allocation failure (torch raises a RuntimeError for those)."""
     import torch
@@ -302,6 +332,7 @@ def decode_rows(batch: dict[str, np.ndarray], size: tuple[int, int], skip: dict[
     """key/source/image bytes -> key/source/pixels (B, H, W, 3) uint8 at the input size, error ('' if fine)."""
     from clcae.data.images import InputError, decode_input_image, to_pixels
 
+    start = time.perf_counter()
     keys, sources, images = batch["key"], batch["source"], batch["image"]
     read_errors = batch["error"] if "error" in batch else [""] * len(keys)
     skip_sets = {k: set(v) for k, v in (skip or {}).items()}
@@ -326,9 +357,12 @@ def decode_rows(batch: dict[str, np.ndarray], size: tuple[int, int], skip: dict[
         out_sources.append(str(source))
         errors.append(error)
         pixels.append(arr)
+    n = len(out_keys)
     return {"key": np.asarray(out_keys, dtype=object), "source": np.asarray(out_sources, dtype=object),
             "error": np.asarray(errors, dtype=object),
-            "pixels": np.stack(pixels) if pixels else np.zeros((0, h, w, 3), np.uint8)}
+            "pixels": np.stack(pixels) if pixels else np.zeros((0, h, w, 3), np.uint8),
+            "t_read": _on_first_row(n, _seconds(batch, "t_read")),
+            "t_decode": _on_first_row(n, time.perf_counter() - start)}
 
 
 @functools.lru_cache(maxsize=2)
@@ -347,6 +381,7 @@ def align_rows(batch: dict[str, np.ndarray], domain: str, size: tuple[int, int],
     from clcae.data.images import InputError, check_min_size, decode_input_image
     from clcae.data.shards import FACE_KEY
 
+    start = time.perf_counter()
     keys, sources, images = batch["key"], batch["source"], batch["image"]
     read_errors = batch["error"] if "error" in batch else [""] * len(keys)
     skip = set(skip)
@@ -399,6 +434,8 @@ def align_rows(batch: dict[str, np.ndarray], domain: str, size: tuple[int, int],
     out["score"] = np.asarray(rows["score"], np.float32)
     out["quad"] = np.stack(rows["quad"]) if n else np.zeros((0, 8))
     out["landmarks"] = np.stack(rows["landmarks"]) if n else np.zeros((0, 10))
+    out["t_read"] = _on_first_row(n, _seconds(batch, "t_read"))
+    out["t_decode"] = _on_first_row(n, time.perf_counter() - start)
     return out
 
 
@@ -408,6 +445,7 @@ class InvertActor:
     def __init__(self, config: dict[str, Any], source: Any, device: str, with_f: bool, psnr: bool,
                  faults: BatchFaults | None = None, edits: list[tuple[str, float]] | None = None,
                  edited_uri: str | None = None):
+        start = time.perf_counter()
         import torch
 
         from clcae.inference import Inverter
@@ -420,10 +458,12 @@ class InvertActor:
                          else Inverter.from_config(cfg, device=device))
         self.with_f, self.psnr = with_f, psnr
         self.faults = faults or BatchFaults()
+        self.load_s, self.ready_at = time.perf_counter() - start, time.time()  # reported with the first batch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from clcae.data.images import uint8_to_unit
 
+        arrived, start, cpu = time.time(), time.perf_counter(), time.process_time()
         if _fault_due(self.faults.die_marker):
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -443,6 +483,16 @@ class InvertActor:
             # anything else (a broken model) fails the job, which a re-run resumes.
             self._invert_in_parts(x, np.flatnonzero(ok), out, batch)
         out["model_id"] = np.asarray([self.inverter.model_id] * b, dtype=object)
+        out["t_read"] = _on_first_row(b, _seconds(batch, "t_read"))
+        out["t_decode"] = _on_first_row(b, _seconds(batch, "t_decode"))
+        first = self.ready_at is not None
+        out["t_load"] = _on_first_row(b, self.load_s if first else 0.0)
+        out["t_ready"] = _on_first_row(b, self.ready_at if first else 0.0)
+        out["t_first"] = _on_first_row(b, arrived if first else 0.0)
+        self.ready_at = None
+        out["t_invert"] = _on_first_row(b, time.perf_counter() - start)
+        out["t_invert_cpu"] = _on_first_row(b, time.process_time() - cpu)
+        out["t_done"] = _on_first_row(b, time.time())
         return out
 
     def _invert_in_parts(self, x, rows: np.ndarray, out: dict[str, np.ndarray],
@@ -530,6 +580,9 @@ def make_sink(out_uri: str, cfg: CLCAEConfig, schema: pa.Schema):
             self.out, self.storage, self.schema = out_uri, cfg.storage, schema
             self.rows = cfg.infer.rows_per_file
             self.counts = {"written": 0, "errors": 0, "files": 0}
+            self.timing = {name: 0.0 for name in (*TIMING_COLUMNS, "t_write")}
+            self.timing["model_loads"] = 0
+            self.timing.update({name: float("inf") for name in EARLIEST})  # the earliest actor's
             self.photos: set[str] = set()  # aligned photos that gave at least one face
             self.examples: list[dict[str, str]] = []  # a few error rows, for the job's summary
 
@@ -541,9 +594,19 @@ def make_sink(out_uri: str, cfg: CLCAEConfig, schema: pa.Schema):
             tables = [pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b for b in blocks]
             tables = [t if isinstance(t, pa.Table) else pa.Table.from_pandas(t) for t in tables]
             table = pa.concat_tables(tables, promote_options="default") if tables else None
-            counts: dict[str, Any] = {"written": 0, "errors": 0, "files": 0, "examples": []}
+            began = time.perf_counter()
+            counts: dict[str, Any] = {"written": 0, "errors": 0, "files": 0, "examples": [], "timing": {}}
             if table is None or table.num_rows == 0:
                 return counts
+            timing = counts["timing"]
+            for name in TIMING_COLUMNS:
+                if name in table.column_names:
+                    col = table.column(name).to_numpy()
+                    timing[name] = float(col.sum()) if name not in EARLIEST + LATEST else \
+                        float(col.max()) if name in LATEST else \
+                        float(col[col > 0].min()) if (col > 0).any() else float("inf")
+            if "t_load" in table.column_names:
+                timing["model_loads"] = int((table.column("t_load").to_numpy() > 0).sum())
             errors = np.asarray(table.column("error").to_pylist(), dtype=object)
             bad = errors != ""
             if bad.any():
@@ -574,6 +637,7 @@ def make_sink(out_uri: str, cfg: CLCAEConfig, schema: pa.Schema):
             counts["files"] += int(bool(bad.any()))
             if "source_key" in table.column_names:  # aligned photos: the photos that gave faces, once each
                 counts["photos"] = sorted(set(table.column("source_key").take(good).to_pylist()))
+            timing["t_write"] = time.perf_counter() - began
             return counts
 
         def on_write_complete(self, write_result) -> None:
@@ -582,6 +646,9 @@ def make_sink(out_uri: str, cfg: CLCAEConfig, schema: pa.Schema):
                     self.counts[k] += r[k]
                 self.photos.update(r.get("photos", []))
                 self.examples += r["examples"][:MAX_EXAMPLES - len(self.examples)]
+                for name, value in r["timing"].items():
+                    self.timing[name] = min(self.timing[name], value) if name in EARLIEST else \
+                        max(self.timing[name], value) if name in LATEST else self.timing[name] + value
 
     return LatentTableSink()
 
@@ -607,9 +674,10 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: A
     """
     import ray
 
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     st.check_access(out_uri, cfg.storage, write=True)
     plan = plan_inputs(inputs, out_uri, cfg)
+    planned = time.perf_counter() - t0
     summary: dict[str, Any] = {"inputs": plan.total, "skipped": plan.skipped, "written": 0, "errors": 0,
                                "skipped_errors": plan.skipped_errors, "error_examples": [], "output": out_uri}
     if not plan.shard_files and not plan.image_files:
@@ -666,10 +734,28 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: A
     ds.write_datasink(sink)
     summary.update(written=sink.counts["written"], errors=sink.counts["errors"], error_examples=sink.examples,
                    seconds=round(time.perf_counter() - t0, 2))
+    summary["stages"] = stage_seconds(sink.timing, planned, started)
     if i.align:
         summary["photos"] = len(sink.photos)  # inputs == skipped + photos + errors
     summary["images_per_s"] = round((summary["written"] + summary["errors"]) / max(summary["seconds"], 1e-9), 2)
     return summary
+
+
+def stage_seconds(timing: dict[str, float], planned: float, started: float) -> dict[str, Any]:
+    """The job's time by stage (see TIMING_COLUMNS): ``plan_s`` (listing inputs and the keys already done),
+    ``actor_ready_s`` / ``first_batch_s`` / ``last_batch_s`` (from the job's start until the first actor had loaded
+    its model / got its first batch / the last batch was inverted), ``model_load_s`` summed over ``model_loads``
+    actor starts, and read, decode, invert (wall and the actors' CPU) and write seconds summed over batches."""
+    def since(at: float) -> float | None:
+        return round(at - started, 2) if 0 < at < float("inf") else None
+
+    return {"plan_s": round(planned, 2), "actor_ready_s": since(timing["t_ready"]),
+            "first_batch_s": since(timing["t_first"]), "last_batch_s": since(timing["t_done"]),
+            "model_loads": int(timing["model_loads"]),
+            "model_load_s": round(timing["t_load"], 2), "read_s": round(timing["t_read"], 2),
+            "decode_s": round(timing["t_decode"], 2), "invert_s": round(timing["t_invert"], 2),
+            "invert_cpu_s": round(timing["t_invert_cpu"], 2),
+            "write_s": round(timing["t_write"], 2)}
 
 
 def _shard_rows(batch: dict[str, np.ndarray], files: dict[str, tuple[str, str]]) -> dict[str, np.ndarray]:
@@ -680,6 +766,7 @@ def _shard_rows(batch: dict[str, np.ndarray], files: dict[str, tuple[str, str]])
 
 
 def _read_files(batch: dict[str, np.ndarray], storage, faults: BatchFaults | None = None) -> dict[str, np.ndarray]:
+    start = time.perf_counter()
     data, errors = [], []
     for uri in batch["source"]:
         try:
@@ -695,7 +782,7 @@ def _read_files(batch: dict[str, np.ndarray], storage, faults: BatchFaults | Non
         except Exception as exc:
             raise TransientError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from exc
     return {"key": batch["key"], "source": batch["source"], "image": np.asarray(data, dtype=object),
-            "error": np.asarray(errors, dtype=object)}
+            "error": np.asarray(errors, dtype=object), "t_read": _on_first_row(len(data), time.perf_counter() - start)}
 
 
 def read_table(uri: str, cfg: CLCAEConfig, sub: str = "latents") -> pa.Table:
