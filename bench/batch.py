@@ -50,6 +50,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 from bench.report import emit  # noqa: E402
 from clcae.cli_args import config_file, default_config, parse_with_overrides  # noqa: E402
 from clcae.config import load_config  # noqa: E402
+from clcae.train.runtime import LOCAL_SYSTEM_CONFIG  # noqa: E402
 
 
 def write_images(folder: Path, n: int, size: int) -> None:
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         write_images(work / "in", args.images, args.image_size)
         write_images(work / "in2", 2 * args.images, args.image_size)
         t = time.perf_counter()
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        # the local cluster jobs/invert.py starts (clcae.train.runtime.init_ray): workers at the user's priority
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG)
         report["ray_start_s"] = round(time.perf_counter() - t, 2)
         configs = {n: load_config(args.config, [f"infer.batch_size={args.batch}", f"infer.actors={n}",
                                                 *args.overrides]) for n in args.actors}
@@ -249,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             h, w = base.encoder.input_size
             store = args.object_store_mb * 2**20
             write_images(work / "mem", args.memory_images, max(h, w))
-            ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, object_store_memory=store)
+            ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, object_store_memory=store,
+                     _system_config=LOCAL_SYSTEM_CONFIG)
             with PeakMemory() as mem:
                 result = ray_job(base, work / "mem", work / "mem_out")
             ray.shutdown()

@@ -1,9 +1,10 @@
 """Bulk inversion on Ray Data: image shards or folders -> a Parquet latent table + an errors table.
 
     read (shards: key + image bytes; folders: file bytes)
-      -> decode + validate          a bad image becomes a row with an ``error``, never an exception
-      -> invert                     actor pool, the library's Inverter loaded once per actor (GPU when set)
-                                    (Ray Data fuses reading and decoding into the actor stage: one hop per batch)
+      -> decode + validate          a bad image becomes a row with an ``error``, never an exception; Ray Data CPU
+                                    tasks of their own (torch-free), overlapping the model; uint8 pixels out
+      -> invert                     actor pool, the library's Inverter loaded once per actor (GPU when set);
+                                    uint8 -> [-1, 1] on the actor's device
       -> LatentTableSink            one write per ~``infer.rows_per_file`` rows: latents/part-*.parquet and
                                     errors/part-*.parquet, each file written atomically
 
@@ -279,6 +280,12 @@ INPUT_READ_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, P
 #   t_done    wall clock at which an actor finished a batch (the sink keeps the latest)
 TIMING_COLUMNS = ("t_read", "t_decode", "t_load", "t_invert", "t_invert_cpu", "t_ready", "t_first", "t_done")
 EARLIEST, LATEST = ("t_ready", "t_first"), ("t_done",)
+
+
+# CPUs Ray Data reserves per read/decode task (the actors' share must differ, see invert_to_table), and the model
+# batches a read task of image files takes on.
+DECODE_CPUS = 0.5
+IMAGE_BATCHES_PER_TASK = 4
 
 
 def _on_first_row(n: int, value: float) -> np.ndarray:
@@ -683,6 +690,18 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: A
     if not plan.shard_files and not plan.image_files:
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         return summary
+    i = cfg.infer
+    # Everything before the actors runs as Ray Data CPU tasks of its own (reading, decoding, resizing to uint8), so
+    # it overlaps with the model, and with the actors' start-up, instead of running in the actor in turn. Ray Data
+    # would fuse these tasks into the actors when both ask for the same resources: asking for another CPU share
+    # keeps them apart. The pixels cross the object store as uint8, a quarter of float32.
+    # At most as many of those tasks at once as the cluster has CPUs beside the actors: fractional CPU requests
+    # alone would let Ray start a worker process per fraction (16 on a 4-CPU machine) that only compete.
+    decode_cpus = DECODE_CPUS if i.cpus_per_actor != DECODE_CPUS else DECODE_CPUS / 2
+    cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else os.cpu_count() or 1
+    spare = int(cpus - i.actors * i.cpus_per_actor)
+    cpu_stage = {"batch_format": "numpy", "num_cpus": decode_cpus,
+                 "compute": ray.data.TaskPoolStrategy(size=max(1, spare))}
     datasets = []
     if plan.shard_files:
         from clcae.data.shards import read_shards
@@ -690,24 +709,23 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: A
         ds = read_shards(plan.shard_files, cfg.storage, columns=["key", "image"], include_paths=True)
         # Ray Data reports the protocol-less path of each row's file: map it back to the URI and the key prefix
         files = {st.filesystem(f, cfg.storage)[1]: (f, plan.shard_prefix.get(f, "")) for f in plan.shard_files}
-        datasets.append(ds.map_batches(_shard_rows, fn_kwargs={"files": files}, batch_format="numpy"))
+        datasets.append(ds.map_batches(_shard_rows, fn_kwargs={"files": files}, **cpu_stage))
     if plan.image_files:
         # Files are read inside the pipeline, one by one, so an unreadable file is one error row, not a
-        # failed read task.
+        # failed read task. A read task takes a few batches: fewer, larger tasks cost less scheduling.
         items = [{"key": k, "source": u} for u, k in plan.image_files]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.infer.batch_size, 1000)))
+        blocks = max(1, min(len(items) // (i.batch_size * IMAGE_BATCHES_PER_TASK), 1000))
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
         datasets.append(ds.map_batches(_read_files, fn_kwargs={"storage": cfg.storage, "faults": faults},
-                                       batch_format="numpy"))
+                                       **cpu_stage))
     ds = datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
     size = tuple(cfg.encoder.input_size)
-    i = cfg.infer
     if i.align:
         ds = ds.map_batches(align_rows, fn_kwargs={"domain": i.align, "size": size, "largest_only": i.largest_face_only,
-                                                   "skip": plan.skip_faces}, batch_format="numpy",
-                            batch_size=i.batch_size)
+                                                   "skip": plan.skip_faces}, batch_size=i.batch_size, **cpu_stage)
     else:
-        ds = ds.map_batches(decode_rows, fn_kwargs={"size": size, "skip": plan.partial or None}, batch_format="numpy",
-                            batch_size=i.batch_size)
+        ds = ds.map_batches(decode_rows, fn_kwargs={"size": size, "skip": plan.partial or None},
+                            batch_size=i.batch_size, **cpu_stage)
     use_gpu = i.use_gpu
     job_cfg = to_dict(cfg)
     if not edits:

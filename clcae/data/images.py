@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clcae.errors import CLCAEError
+
+if TYPE_CHECKING:
+    import torch
 
 # What the platform reads as an image file when it lists a folder (the batch job, evaluate).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -96,6 +99,8 @@ def uint8_to_unit(pixels: np.ndarray | torch.Tensor, device: torch.device | str 
 
     The uint8 pixels move to the device first and are converted there: the one place the platform turns
     pixels into model input (the batch job, Serve, training, every ``pil_to_tensor``)."""
+    import torch  # here, not at the top: decoding (Ray Data's CPU tasks) needs no torch, and importing it costs seconds
+
     if isinstance(pixels, np.ndarray):
         arr = np.ascontiguousarray(pixels)
         # torch warns on read-only arrays (PIL's, Ray's zero-copy blocks); a uint8 copy is a quarter of the float
@@ -115,6 +120,8 @@ def unit_to_uint8(images: torch.Tensor) -> np.ndarray:
     [-1, 1], ``(x + 1) * 127.5`` rounded to the nearest integer (on the images' device; only uint8 is copied back).
     ``uint8_to_unit(unit_to_uint8(x))`` is ``x`` quantised to 8 bits, and ``unit_to_uint8(uint8_to_unit(p)) == p``
     exactly."""
+    import torch
+
     if images.ndim not in (3, 4) or images.shape[-3] != 3:
         raise InputError(f"expected images (B, 3, H, W) or (3, H, W), got {tuple(images.shape)}")
     arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
