@@ -157,7 +157,9 @@ class Split:
 
 def quantise(images: torch.Tensor) -> torch.Tensor:
     """Clamp and round to 8 bits, as the training shards store images (PNG)."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    from clcae.data.images import uint8_to_unit, unit_to_uint8
+
+    return uint8_to_unit(unit_to_uint8(images), images.device)
 
 
 def w_of_seeds(generator, seeds: range) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Bulk inversion on Ray Data: image shards or folders -> a Parquet latent table + an errors table.
 
     read (shards: key + image bytes; folders: file bytes)
-      -> decode + validate          a bad image becomes a row with an ``error``, never an exception
-      -> invert                     actor pool, the library's Inverter loaded once per actor (GPU when set)
-                                    (Ray Data fuses reading and decoding into the actor stage: one hop per batch)
+      -> decode + validate          a bad image becomes a row with an ``error``, never an exception; Ray Data CPU
+                                    tasks of their own (torch-free), overlapping the model; uint8 pixels out
+      -> invert                     actor pool, the library's Inverter loaded once per actor (GPU when set);
+                                    uint8 -> [-1, 1] on the actor's device
       -> LatentTableSink            one write per ~``infer.rows_per_file`` rows: latents/part-*.parquet and
                                     errors/part-*.parquet, each file written atomically
 
@@ -21,6 +22,7 @@ import functools
 import hashlib
 import io
 import logging
+import math
 import os
 import posixpath
 import signal
@@ -33,10 +35,24 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.core import split_protocol
 
+# torch, the model and the aligner are imported inside the functions that run in the inversion actors: the
+# read/decode tasks import this module too, and must start without torch (seconds per worker process).
 from clcae.config import CLCAEConfig, StorageConfig, from_dict, n_latent, to_dict
 from clcae.data import storage as st
-from clcae.data.images import IMAGE_SUFFIXES, MIN_IMAGE_SIZE
+from clcae.data.images import (
+    IMAGE_SUFFIXES,
+    MIN_IMAGE_SIZE,
+    InputError,
+    check_min_size,
+    decode_input_image,
+    encode_png,
+    tensor_to_pil,
+    to_pixels,
+    uint8_to_unit,
+)
+from clcae.data.shards import ALIGN_COLUMNS, FACE_KEY, read_shards, validate_shards
 from clcae.errors import CLCAEError
 
 log = logging.getLogger(__name__)
@@ -54,8 +70,6 @@ FACE_COLUMNS = ("source_key", "face_index", "face_count", "score", "quad", "land
 
 def latent_schema(style_dim: int, n_latent: int, feature_size: int | None = None, psnr: bool = True,
                   aligned: bool = False) -> pa.Schema:
-    from clcae.data.shards import ALIGN_COLUMNS
-
     fields = [("key", pa.string()), ("source", pa.string()),
               ("w", pa.list_(pa.float32(), style_dim)),
               ("w_plus", pa.list_(pa.float32(), n_latent * style_dim))]
@@ -162,10 +176,6 @@ def plan_inputs(uris: Iterable[str], out_uri: str, cfg: CLCAEConfig) -> Inputs:
     files, an input inside the output, or a key found twice is a BatchInputError before anything runs. Files
     under the output folder are never inputs, so the output may live inside an input folder.
     """
-    from fsspec.core import split_protocol
-
-    from clcae.data.shards import validate_shards
-
     uris = list(uris)
     prefixes = key_prefixes(uris, cfg.storage)
     out_proto, out_path = _location(out_uri, cfg.storage)
@@ -264,6 +274,42 @@ RETRIED_ERRORS = [TransientError.__name__]
 INPUT_READ_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
+# --------------------------------------------------------------------------------------------- timing
+# Where the job's time goes, counted where it is spent and carried to the sink as columns of the rows themselves
+# (a stage's seconds for a batch on the batch's first row, 0 on the others), so the totals are exact across
+# processes and cost no extra messages. Neither table stores them.  Seconds are summed over batches: stages that
+# overlap (decode tasks beside the inversion actor) can add up to more than the job's wall time.
+#   t_read    reading image files (folder inputs; Parquet shards are read by Ray's own read tasks)
+#   t_decode  decoding, validating and resizing to uint8 pixels (or aligning faces)
+#   t_load    an actor's construction: imports and building/loading the model (one value per actor start)
+#   t_invert  the actor's work on a batch: uint8 -> [-1, 1] on the device, the model, PSNR, the output arrays
+#   t_invert_cpu  the CPU time the actor's process got for that work (all its threads): below t_invert when the
+#             machine's other processes take the cores
+#   t_ready   wall clock (time.time()) at which an actor finished loading its model (first batch's first row)
+#   t_first   wall clock at which an actor received its first batch
+#   t_done    wall clock at which an actor finished a batch (the sink keeps the latest)
+TIMING_COLUMNS = ("t_read", "t_decode", "t_load", "t_invert", "t_invert_cpu", "t_ready", "t_first", "t_done")
+EARLIEST, LATEST = ("t_ready", "t_first"), ("t_done",)
+
+
+# CPUs Ray Data reserves per read/decode task (the actors' share must differ, see invert_to_table), and the model
+# batches a read task of image files takes on.
+DECODE_CPUS = 0.5
+IMAGE_BATCHES_PER_TASK = 4
+
+
+def _on_first_row(n: int, value: float) -> np.ndarray:
+    col = np.zeros(n, np.float64)
+    if n:
+        col[0] = value
+    return col
+
+
+def _seconds(batch: dict[str, np.ndarray], name: str) -> float:
+    """The total of a timing column over a batch (0 when the batch does not carry it)."""
+    return float(np.sum(batch[name])) if name in batch else 0.0
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA/MPS out of memory, or a host allocation failure (torch raises a RuntimeError for those)."""
     import torch
@@ -308,10 +354,7 @@ def _fault_due(marker: str | None) -> bool:
 def decode_rows(batch: dict[str, np.ndarray], size: tuple[int, int], skip: dict[str, list[str]] | None = None,
                 min_size: int = MIN_IMAGE_SIZE) -> dict[str, np.ndarray]:
     """key/source/image bytes -> key/source/pixels (B, H, W, 3) uint8 at the input size, error ('' if fine)."""
-    from PIL import Image
-
-    from clcae.data.images import InputError, decode_input_image
-
+    start = time.perf_counter()
     keys, sources, images = batch["key"], batch["source"], batch["image"]
     read_errors = batch["error"] if "error" in batch else [""] * len(keys)
     skip_sets = {k: set(v) for k, v in (skip or {}).items()}
@@ -325,7 +368,7 @@ def decode_rows(batch: dict[str, np.ndarray], size: tuple[int, int], skip: dict[
             if error:
                 raise InputError(error)
             im = decode_input_image(bytes(data), min_size)
-            arr = np.asarray(im.resize((w, h), Image.Resampling.BICUBIC) if im.size != (w, h) else im, np.uint8)
+            arr = to_pixels(im, size)
         except InputError as exc:
             error = str(exc)
         except MemoryError as exc:  # the worker's memory, not the image (bombs are refused by size first)
@@ -336,9 +379,12 @@ def decode_rows(batch: dict[str, np.ndarray], size: tuple[int, int], skip: dict[
         out_sources.append(str(source))
         errors.append(error)
         pixels.append(arr)
+    n = len(out_keys)
     return {"key": np.asarray(out_keys, dtype=object), "source": np.asarray(out_sources, dtype=object),
             "error": np.asarray(errors, dtype=object),
-            "pixels": np.stack(pixels) if pixels else np.zeros((0, h, w, 3), np.uint8)}
+            "pixels": np.stack(pixels) if pixels else np.zeros((0, h, w, 3), np.uint8),
+            "t_read": _on_first_row(n, _seconds(batch, "t_read")),
+            "t_decode": _on_first_row(n, time.perf_counter() - start)}
 
 
 @functools.lru_cache(maxsize=2)
@@ -354,9 +400,7 @@ def align_rows(batch: dict[str, np.ndarray], domain: str, size: tuple[int, int],
     """key/source/image bytes of raw photos -> one row per face: key ``<photo key>#face<i>`` (0 = largest), the
     aligned crop as pixels (B, H, W, 3) and where it lies in the photo (quad, landmarks, score, face index and
     count). A photo that cannot be used (unreadable, too small, no face) is one error row under its own key."""
-    from clcae.data.images import InputError, check_min_size, decode_input_image
-    from clcae.data.shards import FACE_KEY
-
+    start = time.perf_counter()
     keys, sources, images = batch["key"], batch["source"], batch["image"]
     read_errors = batch["error"] if "error" in batch else [""] * len(keys)
     skip = set(skip)
@@ -409,6 +453,8 @@ def align_rows(batch: dict[str, np.ndarray], domain: str, size: tuple[int, int],
     out["score"] = np.asarray(rows["score"], np.float32)
     out["quad"] = np.stack(rows["quad"]) if n else np.zeros((0, 8))
     out["landmarks"] = np.stack(rows["landmarks"]) if n else np.zeros((0, 10))
+    out["t_read"] = _on_first_row(n, _seconds(batch, "t_read"))
+    out["t_decode"] = _on_first_row(n, time.perf_counter() - start)
     return out
 
 
@@ -418,8 +464,10 @@ class InvertActor:
     def __init__(self, config: dict[str, Any], source: Any, device: str, with_f: bool, psnr: bool,
                  faults: BatchFaults | None = None, edits: list[tuple[str, float]] | None = None,
                  edited_uri: str | None = None):
+        start = time.perf_counter()
         import torch
 
+        from clcae.factory import latent_shapes
         from clcae.inference import Inverter
 
         cfg = from_dict(config)
@@ -429,8 +477,10 @@ class InvertActor:
         self.inverter = (Inverter.load(source, cfg, device=device) if source is not None
                          else Inverter.from_config(cfg, device=device))
         self.with_f, self.psnr = with_f, psnr
+        self.f_size = math.prod(latent_shapes(cfg)["f"])
         self.faults = faults or BatchFaults()
         self.calls = 0
+        self.load_s, self.ready_at = time.perf_counter() - start, time.time()  # reported with the first batch
         if self.faults.hold_marker:
             open(f"{self.faults.hold_marker}.init.{os.getpid()}", "w").close()
 
@@ -444,29 +494,38 @@ class InvertActor:
             time.sleep(0.05)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
         self.calls += 1
         self._hold()
+        arrived, start, cpu = time.time(), time.perf_counter(), time.process_time()
         if _fault_due(self.faults.die_marker):
             os.kill(os.getpid(), signal.SIGKILL)
 
         g = self.inverter.model.decoder
-        b, d, n, c = len(batch["key"]), g.style_dim, g.n_latent, g.feature_channels
+        b, d, n = len(batch["key"]), g.style_dim, g.n_latent
         ok = np.array([e == "" for e in batch["error"]], bool)
         out = {"key": batch["key"], "source": batch["source"], "error": batch["error"].copy(),
                "w": np.full((b, d), np.nan, np.float32), "w_plus": np.full((b, n * d), np.nan, np.float32),
                "psnr": np.full(b, np.nan, np.float32)}
         out.update({k: batch[k] for k in FACE_COLUMNS if k in batch})
         if self.with_f:
-            out["f"] = np.zeros((b, c * 256), np.float16)
+            out["f"] = np.zeros((b, self.f_size), np.float16)
         if ok.any():
-            x = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).permute(0, 3, 1, 2).float() / 127.5 - 1
+            x = uint8_to_unit(batch["pixels"][ok], self.inverter.device)
             # The pixels were validated by decode_rows: nothing the model raises is the input's fault, so no
             # exception here becomes an error row. Out of memory is retried on halves of the batch, then by Ray;
             # anything else (a broken model) fails the job, which a re-run resumes.
             self._invert_in_parts(x, np.flatnonzero(ok), out, batch)
         out["model_id"] = np.asarray([self.inverter.model_id] * b, dtype=object)
+        out["t_read"] = _on_first_row(b, _seconds(batch, "t_read"))
+        out["t_decode"] = _on_first_row(b, _seconds(batch, "t_decode"))
+        first = self.ready_at is not None
+        out["t_load"] = _on_first_row(b, self.load_s if first else 0.0)
+        out["t_ready"] = _on_first_row(b, self.ready_at if first else 0.0)
+        out["t_first"] = _on_first_row(b, arrived if first else 0.0)
+        self.ready_at = None
+        out["t_invert"] = _on_first_row(b, time.perf_counter() - start)
+        out["t_invert_cpu"] = _on_first_row(b, time.process_time() - cpu)
+        out["t_done"] = _on_first_row(b, time.time())
         return out
 
     def _invert_in_parts(self, x, rows: np.ndarray, out: dict[str, np.ndarray],
@@ -498,15 +557,13 @@ class InvertActor:
         if self.psnr:
             from clcae.metrics import psnr
 
-            out["psnr"][rows] = psnr(res.image.float().cpu(), x).numpy()
+            out["psnr"][rows] = psnr(res.image.float(), x).cpu().numpy()
         if self.edits and batch is not None:
             self._write_edits(res, rows, batch)
 
     def _write_edits(self, res, rows: np.ndarray, batch: dict[str, np.ndarray]) -> None:
         """The named edits of each image: the whole photo with the edited face pasted back (aligned input), or
         the edited crop, as ``edited/<key>.png`` (``#`` in a face key becomes ``.``)."""
-        from clcae.data.images import encode_png, tensor_to_pil
-
         edited = tensor_to_pil(self.inverter.edit(res, self.edits))
         for im, row in zip(edited, rows):
             key = str(batch["key"][row])
@@ -554,6 +611,9 @@ def make_sink(out_uri: str, cfg: CLCAEConfig, schema: pa.Schema):
             self.out, self.storage, self.schema = out_uri, cfg.storage, schema
             self.rows = cfg.infer.rows_per_file
             self.counts = {"written": 0, "errors": 0, "files": 0}
+            self.timing = {name: 0.0 for name in (*TIMING_COLUMNS, "t_write")}
+            self.timing["model_loads"] = 0
+            self.timing.update({name: float("inf") for name in EARLIEST})  # the earliest actor's
             self.photos: set[str] = set()  # aligned photos that gave at least one face
             self.examples: list[dict[str, str]] = []  # a few error rows, for the job's summary
 
@@ -565,9 +625,19 @@ def make_sink(out_uri: str, cfg: CLCAEConfig, schema: pa.Schema):
             tables = [pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b for b in blocks]
             tables = [t if isinstance(t, pa.Table) else pa.Table.from_pandas(t) for t in tables]
             table = pa.concat_tables(tables, promote_options="default") if tables else None
-            counts: dict[str, Any] = {"written": 0, "errors": 0, "files": 0, "examples": []}
+            began = time.perf_counter()
+            counts: dict[str, Any] = {"written": 0, "errors": 0, "files": 0, "examples": [], "timing": {}}
             if table is None or table.num_rows == 0:
                 return counts
+            timing = counts["timing"]
+            for name in TIMING_COLUMNS:
+                if name in table.column_names:
+                    col = table.column(name).to_numpy()
+                    timing[name] = float(col.sum()) if name not in EARLIEST + LATEST else \
+                        float(col.max()) if name in LATEST else \
+                        float(col[col > 0].min()) if (col > 0).any() else float("inf")
+            if "t_load" in table.column_names:
+                timing["model_loads"] = int((table.column("t_load").to_numpy() > 0).sum())
             errors = np.asarray(table.column("error").to_pylist(), dtype=object)
             bad = errors != ""
             if bad.any():
@@ -598,6 +668,7 @@ def make_sink(out_uri: str, cfg: CLCAEConfig, schema: pa.Schema):
             counts["files"] += int(bool(bad.any()))
             if "source_key" in table.column_names:  # aligned photos: the photos that gave faces, once each
                 counts["photos"] = sorted(set(table.column("source_key").take(good).to_pylist()))
+            timing["t_write"] = time.perf_counter() - began
             return counts
 
         def on_write_complete(self, write_result) -> None:
@@ -606,6 +677,9 @@ def make_sink(out_uri: str, cfg: CLCAEConfig, schema: pa.Schema):
                     self.counts[k] += r[k]
                 self.photos.update(r.get("photos", []))
                 self.examples += r["examples"][:MAX_EXAMPLES - len(self.examples)]
+                for name, value in r["timing"].items():
+                    self.timing[name] = min(self.timing[name], value) if name in EARLIEST else \
+                        max(self.timing[name], value) if name in LATEST else self.timing[name] + value
 
     return LatentTableSink()
 
@@ -631,39 +705,49 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: A
     """
     import ray
 
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     st.check_access(out_uri, cfg.storage, write=True)
     plan = plan_inputs(inputs, out_uri, cfg)
+    planned = time.perf_counter() - t0
     summary: dict[str, Any] = {"inputs": plan.total, "skipped": plan.skipped, "written": 0, "errors": 0,
                                "skipped_errors": plan.skipped_errors, "error_examples": [], "output": out_uri}
     if not plan.shard_files and not plan.image_files:
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         return summary
+    i = cfg.infer
+    # Everything before the actors runs as Ray Data CPU tasks of its own (reading, decoding, resizing to uint8), so
+    # it overlaps with the model, and with the actors' start-up, instead of running in the actor in turn. Ray Data
+    # would fuse these tasks into the actors when both ask for the same resources: asking for another CPU share
+    # keeps them apart. The pixels cross the object store as uint8, a quarter of float32.
+    # At most as many of those tasks at once as the cluster has CPUs beside the actors: fractional CPU requests
+    # alone would let Ray start a worker process per fraction (16 on a 4-CPU machine) that only compete.
+    decode_cpus = DECODE_CPUS if i.cpus_per_actor != DECODE_CPUS else DECODE_CPUS / 2
+    cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else os.cpu_count() or 1
+    spare = int(cpus - i.actors * i.cpus_per_actor)
+    cpu_stage = {"batch_format": "numpy", "num_cpus": decode_cpus,
+                 "compute": ray.data.TaskPoolStrategy(size=max(1, spare))}
     datasets = []
     if plan.shard_files:
-        from clcae.data.shards import read_shards
-
         ds = read_shards(plan.shard_files, cfg.storage, columns=["key", "image"], include_paths=True)
         # Ray Data reports the protocol-less path of each row's file: map it back to the URI and the key prefix
         files = {st.filesystem(f, cfg.storage)[1]: (f, plan.shard_prefix.get(f, "")) for f in plan.shard_files}
-        datasets.append(ds.map_batches(_shard_rows, fn_kwargs={"files": files}, batch_format="numpy"))
+        datasets.append(ds.map_batches(_shard_rows, fn_kwargs={"files": files}, **cpu_stage))
     if plan.image_files:
         # Files are read inside the pipeline, one by one, so an unreadable file is one error row, not a
-        # failed read task.
+        # failed read task. A read task takes a few batches: fewer, larger tasks cost less scheduling.
         items = [{"key": k, "source": u} for u, k in plan.image_files]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.infer.batch_size, 1000)))
+        blocks = max(1, min(len(items) // (i.batch_size * IMAGE_BATCHES_PER_TASK), 1000))
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
         datasets.append(ds.map_batches(_read_files, fn_kwargs={"storage": cfg.storage, "faults": faults},
-                                       batch_format="numpy"))
+                                       **cpu_stage))
     ds = datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
     size = tuple(cfg.encoder.input_size)
-    i = cfg.infer
     if i.align:
         ds = ds.map_batches(align_rows, fn_kwargs={"domain": i.align, "size": size, "largest_only": i.largest_face_only,
-                                                   "skip": plan.skip_faces}, batch_format="numpy",
-                            batch_size=i.batch_size)
+                                                   "skip": plan.skip_faces}, batch_size=i.batch_size, **cpu_stage)
     else:
-        ds = ds.map_batches(decode_rows, fn_kwargs={"size": size, "skip": plan.partial or None}, batch_format="numpy",
-                            batch_size=i.batch_size)
+        ds = ds.map_batches(decode_rows, fn_kwargs={"size": size, "skip": plan.partial or None},
+                            batch_size=i.batch_size, **cpu_stage)
     use_gpu = i.use_gpu
     job_cfg = to_dict(cfg)
     if not edits:
@@ -675,11 +759,11 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: A
                                             "edited_uri": st.join(out_uri, "edited")},
         batch_size=i.batch_size, batch_format="numpy", num_gpus=1 if use_gpu else 0, num_cpus=i.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=i.actors))
+    from clcae.factory import latent_shapes  # the driver has torch already; decode tasks must not import it
+
     g = cfg.generator
     n = n_latent(cfg)
-    from clcae.models.stylegan2 import channel_table
-
-    feature = channel_table(g.channel_multiplier, g.channel_max)[16] * 256 if i.with_f else None
+    feature = math.prod(latent_shapes(cfg)["f"]) if i.with_f else None
     sink = make_sink(out_uri, cfg, latent_schema(g.style_dim, n, feature, i.psnr, aligned=bool(i.align)))
     # Retries of transient failures, set on this dataset's own DataContext (a copy taken when it was created), so
     # other datasets of the process are unaffected. Ray Data's own defaults already restart a dead actor and
@@ -695,10 +779,28 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: A
     ds.write_datasink(sink)
     summary.update(written=sink.counts["written"], errors=sink.counts["errors"], error_examples=sink.examples,
                    seconds=round(time.perf_counter() - t0, 2))
+    summary["stages"] = stage_seconds(sink.timing, planned, started)
     if i.align:
         summary["photos"] = len(sink.photos)  # inputs == skipped + photos + errors
     summary["images_per_s"] = round((summary["written"] + summary["errors"]) / max(summary["seconds"], 1e-9), 2)
     return summary
+
+
+def stage_seconds(timing: dict[str, float], planned: float, started: float) -> dict[str, Any]:
+    """The job's time by stage (see TIMING_COLUMNS): ``plan_s`` (listing inputs and the keys already done),
+    ``actor_ready_s`` / ``first_batch_s`` / ``last_batch_s`` (from the job's start until the first actor had loaded
+    its model / got its first batch / the last batch was inverted), ``model_load_s`` summed over ``model_loads``
+    actor starts, and read, decode, invert (wall and the actors' CPU) and write seconds summed over batches."""
+    def since(at: float) -> float | None:
+        return round(at - started, 2) if 0 < at < float("inf") else None
+
+    return {"plan_s": round(planned, 2), "actor_ready_s": since(timing["t_ready"]),
+            "first_batch_s": since(timing["t_first"]), "last_batch_s": since(timing["t_done"]),
+            "model_loads": int(timing["model_loads"]),
+            "model_load_s": round(timing["t_load"], 2), "read_s": round(timing["t_read"], 2),
+            "decode_s": round(timing["t_decode"], 2), "invert_s": round(timing["t_invert"], 2),
+            "invert_cpu_s": round(timing["t_invert_cpu"], 2),
+            "write_s": round(timing["t_write"], 2)}
 
 
 def _shard_rows(batch: dict[str, np.ndarray], files: dict[str, tuple[str, str]]) -> dict[str, np.ndarray]:
@@ -709,6 +811,7 @@ def _shard_rows(batch: dict[str, np.ndarray], files: dict[str, tuple[str, str]])
 
 
 def _read_files(batch: dict[str, np.ndarray], storage, faults: BatchFaults | None = None) -> dict[str, np.ndarray]:
+    start = time.perf_counter()
     data, errors = [], []
     for uri in batch["source"]:
         try:
@@ -724,7 +827,7 @@ def _read_files(batch: dict[str, np.ndarray], storage, faults: BatchFaults | Non
         except Exception as exc:
             raise TransientError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from exc
     return {"key": batch["key"], "source": batch["source"], "image": np.asarray(data, dtype=object),
-            "error": np.asarray(errors, dtype=object)}
+            "error": np.asarray(errors, dtype=object), "t_read": _on_first_row(len(data), time.perf_counter() - start)}
 
 
 def read_table(uri: str, cfg: CLCAEConfig, sub: str = "latents") -> pa.Table:

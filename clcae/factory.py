@@ -17,7 +17,7 @@ from clcae.editing import DirectionRegistry
 from clcae.models.clcae import CLCAE
 from clcae.models.contrastive import ContrastiveAligner, ImageEncoder, LatentEncoder
 from clcae.models.encoder import CLCAEEncoder, PSPEncoder
-from clcae.models.stylegan2 import Generator
+from clcae.models.stylegan2 import FEATURE_RES, Generator, channel_table
 from clcae.weights import MissingWeightsError, WeightsError, load_generator, load_irse_into_encoder
 
 log = logging.getLogger(__name__)
@@ -124,3 +124,12 @@ def read_average_image(uri: str, size: tuple[int, int], storage: StorageConfig |
         return pil_to_tensor(decode_image(data), size)[None]
     except InputError as exc:
         raise WeightsError(f"model.average_image = {uri}: {exc}") from None
+
+
+def latent_shapes(cfg: CLCAEConfig) -> dict[str, tuple[int, ...]]:
+    """Per-image shapes of the latents a model of ``cfg`` gives (Serve's /v1/invert and /v1/edit, the batch job's
+    table): w, w+, f (G5's output, FEATURE_RES x FEATURE_RES) and the encoder's residuals (like w+)."""
+    g = cfg.generator
+    channels = channel_table(g.channel_multiplier, g.channel_max)[FEATURE_RES]
+    w_plus = (n_latent(cfg), g.style_dim)
+    return {"w": (g.style_dim,), "w_plus": w_plus, "f": (channels, FEATURE_RES, FEATURE_RES), "deltas": w_plus}

@@ -26,6 +26,8 @@ whose pickling costs ~10x more); the ingress does every decode and PNG encode, i
 import asyncio
 import base64
 import contextlib
+import hmac
+import io
 import json
 import logging
 import math
@@ -37,20 +39,38 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import Headers
+from starlette.requests import Request as StarletteRequest
 
-from clcae.config import CLCAEConfig, ServeConfig, from_dict, n_latent, serve_api_key
+from clcae.align import AlignedCrop, Aligner, NoFaceError, paste_back
+from clcae.config import CLCAEConfig, ServeConfig, from_dict, serve_api_key, to_dict
+from clcae.data.images import (
+    MIN_IMAGE_SIZE,
+    InputError,
+    UnreadableImageError,
+    decode_image,
+    encode_png,
+    to_pixels,
+    uint8_to_unit,
+    unit_to_uint8,
+)
+from clcae.editing import EditError
+from clcae.factory import build_directions, latent_shapes
+from clcae.inference import Inverter
+from clcae.metrics import psnr
+from clcae.pretrained import prepare
 
 if TYPE_CHECKING:
-    import torch
-    from PIL import Image
-
-    from clcae.align import AlignedCrop, Aligner
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +91,12 @@ class ApiError(Exception):
 
 def check_api_key(expected: str | None, given: str | None) -> None:
     """401 unless no key is configured or the right one was sent (constant-time comparison)."""
-    import hmac
-
     if expected and not (given and hmac.compare_digest(given.encode(), expected.encode())):
         raise ApiError(401, f"missing or wrong API key: send it in the {API_KEY_HEADER!r} header")
 
 
 def _inverter(config: dict[str, Any], source: Any):
     """The replica's Inverter: ``source`` (a ModelSource the driver resolved) or the config's own model."""
-    import torch
-
-    from clcae.inference import Inverter
-
     cfg = from_dict(config)
     torch.set_num_threads(max(1, int(cfg.serve.cpus_per_replica)))
     device = "cuda" if cfg.serve.use_gpu else "cpu"
@@ -196,17 +210,6 @@ class Stages:
         return {"Server-Timing": ", ".join(f"{k};dur={v:.2f}" for k, v in stages.items())}
 
 
-def latent_shapes(cfg: CLCAEConfig) -> dict[str, tuple[int, ...]]:
-    """Per-image shapes of the latents /v1/invert returns and /v1/edit takes back: w, w+, f (G5's output,
-    FEATURE_RES x FEATURE_RES) and the encoder's residuals (like w+)."""
-    from clcae.models.stylegan2 import FEATURE_RES, channel_table
-
-    g = cfg.generator
-    channels = channel_table(g.channel_multiplier, g.channel_max)[FEATURE_RES]
-    w_plus = (n_latent(cfg), g.style_dim)
-    return {"w": (g.style_dim,), "w_plus": w_plus, "f": (channels, FEATURE_RES, FEATURE_RES), "deltas": w_plus}
-
-
 def admission_limit(s: ServeConfig) -> int:
     """Model-bound requests (/v1/invert, /v1/edit) the ingress lets in at once: what the model deployments can
     hold at full scale (running + queued on every replica).  The rest are refused at once with a JSON 503."""
@@ -220,20 +223,8 @@ def ingress_limits(s: ServeConfig) -> dict[str, int]:
     return {"max_ongoing_requests": ongoing, "max_queued_requests": ongoing}
 
 
-def _uint8(images: "torch.Tensor") -> np.ndarray:
-    """(B, 3, H, W) model output in [-1, 1] -> (B, H, W, 3) uint8, as ``tensor_to_pil`` rounds it: what travels
-    from a model replica to the ingress (a quarter of float32's bytes; the PNG is made in the ingress)."""
-    import torch
-
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 def _png(image: np.ndarray) -> bytes:
-    """An HxWx3 uint8 image (a model output, see _uint8) as PNG bytes."""
-    from PIL import Image
-
-    from clcae.data.images import encode_png
-
+    """An HxWx3 uint8 image (a model output, see images.unit_to_uint8) as PNG bytes."""
     return encode_png(Image.fromarray(image))
 
 
@@ -270,8 +261,6 @@ class AlignedPhoto:
     ingress's pool: it encodes the crop's PNG."""
 
     def __init__(self, photo: np.ndarray, faces: "list[AlignedCrop]", face: int, domain: str, ms: float = 0.0):
-        from clcae.data.images import encode_png
-
         self.photo, self.faces, self.face, self.domain, self.ms = photo, faces, faces[face], domain, ms
         self.pixels = np.asarray(self.face.image, np.uint8)  # already the encoder's input size
         self.aligned_png = encode_png(self.face.image)
@@ -294,8 +283,6 @@ PHOTO_FORMATS = {"png": "image/png", "jpeg": "image/jpeg"}
 def _encode_photo(image: "Image.Image", fmt: str) -> bytes:
     """The whole photo: PNG (lossless: outside the paste mask every byte is the upload's) or JPEG (quality 95,
     4:4:4; a 12 MP photo encodes ~10x faster and several times smaller)."""
-    import io
-
     buf = io.BytesIO()
     if fmt == "jpeg":
         image.save(buf, format="JPEG", quality=95, subsampling=0)
@@ -333,7 +320,6 @@ class InvertModel:
         # The model runs in this one thread, off the replica's event loop: while a batch computes (torch releases
         # the GIL), the loop takes in the next requests and sends the last batch's answers.  The thread gets the
         # replica's torch thread count (_inverter set it).
-        import torch
 
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clcae-model",
                                                initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
@@ -345,17 +331,14 @@ class InvertModel:
         return await loop.run_in_executor(self.model_thread, self._run, images, edits)
 
     def _run(self, images: list[np.ndarray], edits: list[list[tuple[str, float]] | None]) -> list[dict[str, Any]]:
-        import torch
-
-        from clcae.metrics import psnr
 
         start = time.perf_counter()
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        res, edited = self.inverter.invert_and_edit(x.to(self.inverter.device), per_image=edits, checked=True)
+        x = uint8_to_unit(np.stack(images), self.inverter.device)
+        res, edited = self.inverter.invert_and_edit(x, per_image=edits, checked=True)
         done = time.perf_counter()
-        recon = _uint8(res.image.cpu())
-        edited_u8 = iter(_uint8(edited.cpu()) if edited is not None else ())
-        scores = psnr(res.image.float().cpu().clamp(-1, 1), x).tolist()
+        recon = unit_to_uint8(res.image.cpu())
+        edited_u8 = iter(unit_to_uint8(edited.cpu()) if edited is not None else ())
+        scores = psnr(res.image.float().cpu().clamp(-1, 1), x.cpu()).tolist()
         latents = {k: getattr(res, k).cpu().numpy() for k in ("w", "w_plus", "deltas", "f")}
         meta = {"batch_size": len(images), "model_id": self.inverter.model_id}
         out = []
@@ -383,15 +366,13 @@ class EditModel:
         self.inverter = _inverter(config, source)
 
     async def __call__(self, latents: dict[str, np.ndarray], edits: list[tuple[str, float]]):
-        import torch
-
         start = time.perf_counter()
         inv = self.inverter
         t = {k: torch.from_numpy(np.array(v, np.float32))[None] for k, v in latents.items()}  # a writable copy
         inversion = inv.latents_to_inversion(t["w"], t["w_plus"], t["f"], t.get("deltas"))
         edited = inv.edit(inversion, edits, checked=True)  # the ingress checked the edits
         done = time.perf_counter()
-        out = {"image": _uint8(edited.cpu())[0], "reconstruction": _uint8(inversion.image.cpu())[0]}
+        out = {"image": unit_to_uint8(edited.cpu())[0], "reconstruction": unit_to_uint8(inversion.image.cpu())[0]}
         return {**out, "timing": {"model": (done - start) * 1000, "post": (time.perf_counter() - done) * 1000}}
 
 
@@ -408,8 +389,6 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
 class Api:
     def __init__(self, inverter: DeploymentHandle, editor: DeploymentHandle, config: dict[str, Any],
                  page: str = ""):
-        from clcae.factory import build_directions
-
         self.inverter, self.editor = inverter, editor
         self.cfg: CLCAEConfig = from_dict(config)
         self.directions = build_directions(self.cfg)
@@ -442,10 +421,6 @@ class Api:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     def _build_aligner(self) -> "Aligner":
-        import torch
-
-        from clcae.align import Aligner
-
         # One intra-op thread: the pool's threads align several photos at once instead.  On a shared 2-core
         # machine MTCNN took 150-190 ms a photo with 1 thread and 2.2-2.7 s with 2 (oversubscribed cores).
         torch.set_num_threads(1)
@@ -472,9 +447,6 @@ class Api:
 
     def _align(self, data: bytes | None, name: str, face: int) -> AlignedPhoto:
         """Decode the photo, find every face, pick one (runs in the pool, see _offload)."""
-        from clcae.align import NoFaceError
-        from clcae.data.images import MIN_IMAGE_SIZE, InputError, UnreadableImageError, decode_image
-
         if data is None:
             raise ApiError(400, "no image: send the file as the request body or as the multipart field 'image'")
         try:
@@ -501,10 +473,6 @@ class Api:
 
     def _paste(self, aligned: AlignedPhoto, image: np.ndarray, fmt: str) -> bytes:
         """A model output (the crop's reconstruction or edit) pasted into the whole photo, encoded (pool)."""
-        from PIL import Image
-
-        from clcae.align import paste_back
-
         crop = Image.fromarray(image)
         # faces: the soft ellipse, so the background the model gets wrong stays the photo's; cars: the whole crop
         mask = "face" if aligned.domain == "faces" else "square"
@@ -542,9 +510,6 @@ class Api:
         body = await self._body(request)
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
-            from starlette.datastructures import Headers
-            from starlette.requests import Request as StarletteRequest
-
             async def receive() -> dict[str, Any]:
                 return {"type": "http.request", "body": body, "more_body": False}
 
@@ -566,8 +531,6 @@ class Api:
 
     def _decode(self, data: bytes | None, name: str) -> np.ndarray:
         """Runs in the pool (see _offload)."""
-        from clcae.data.images import InputError, UnreadableImageError, decode_image, pil_to_tensor
-
         if data is None:
             raise ApiError(400, "no image: send the file as the request body or as the multipart field 'image'")
         try:
@@ -576,17 +539,13 @@ class Api:
             raise ApiError(415 if isinstance(exc, UnreadableImageError) else 400, f"bad image: {exc}") from None
         if min(im.size) < 16:
             raise ApiError(400, f"bad image: {name} is {im.width}x{im.height}: too small (at least 16 px a side)")
-        x = pil_to_tensor(im, tuple(self.cfg.encoder.input_size))
-        return ((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        return to_pixels(im, tuple(self.cfg.encoder.input_size))
 
     async def _call(self, handle: DeploymentHandle, *args: Any) -> Any:
         """One model call within serve.request_timeout_s.  A replica that dies with the request on it (killed,
         out of memory, node lost: Ray's ActorDiedError) costs one retry, which Serve routes to another replica or
         holds until the replacement is up (both model calls are pure functions of their arguments, so a retry is
         safe); a second death is a 503 + Retry-After, never a 500."""
-        from clcae.data.images import InputError
-        from clcae.editing import EditError
-
         timeout = self.cfg.serve.request_timeout_s
         deadline = asyncio.get_running_loop().time() + timeout
         for attempt in (1, 2):
@@ -614,8 +573,6 @@ class Api:
         raise ApiError(503, "model replica lost while answering, retry shortly", {"Retry-After": "1"})
 
     def _edits(self, raw: Any) -> list[tuple[str, float]]:
-        from clcae.editing import EditError
-
         if isinstance(raw, str):
             try:
                 raw = json.loads(raw)
@@ -804,14 +761,8 @@ class Api:
 def build(cfg: CLCAEConfig, page: str = ""):
     """The Serve application for a config: deployment options (replicas, queues, batching, GPUs) from
     ``cfg.serve``."""
-    from ray.serve.config import BackpressureConfig
-
-    from clcae.config import to_dict
-
     source = None
     if cfg.serve.model:
-        from clcae.pretrained import prepare
-
         # resolved here, in the driver: a missing file fails before any replica starts, and the replicas get
         # the model's architecture with the serving config's settings and directions
         source, cfg = prepare(cfg.serve.model, cfg)

@@ -346,3 +346,35 @@ def test_a_job_in_which_every_row_fails_exits_non_zero(ray_cluster, tmp_path, ca
     assert cli.main(args) == 1  # and a re-run, which skips them all, does not turn that into success
     (folder / "ok.png").write_bytes(png(5))
     assert cli.main(args) == 0
+
+
+def test_each_stage_is_timed_and_the_model_loads_once_per_actor(tmp_path):
+    """The stages carry their seconds to the sink as columns (the job's ``stages`` summary): read and decode in
+    the CPU tasks, which hand the actor uint8 pixels, then the actor, whose model load is reported once."""
+    from clcae.batch import InvertActor, _read_files, decode_rows, stage_seconds
+    from clcae.config import to_dict
+
+    c = cfg()
+    h, w = c.encoder.input_size
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(png(i))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    sources = [str(tmp_path / n) for n in ("0.png", "1.png", "bad.png", "2.png")]
+    read = _read_files({"key": np.asarray(sources, object), "source": np.asarray(sources, object)}, c.storage)
+    decoded = decode_rows(read, (h, w))
+    assert decoded["pixels"].dtype == np.uint8 and decoded["pixels"].shape == (4, h, w, 3)
+    assert [bool(e) for e in decoded["error"]] == [False, False, True, False]
+    for name in ("t_read", "t_decode"):  # a batch's seconds on its first row
+        assert decoded[name][0] > 0 and not decoded[name][1:].any()
+    actor = InvertActor(to_dict(c), None, "cpu", False, True)
+    first, second = actor(decoded), actor(decoded)
+    assert first["t_load"][0] > 0 and first["t_ready"][0] > 0 and first["t_first"][0] >= first["t_ready"][0]
+    assert not second["t_load"].any() and not second["t_ready"].any()  # the model is loaded once per actor
+    assert first["t_invert"][0] > 0 and first["t_invert_cpu"][0] > 0 and first["t_done"][0] >= first["t_first"][0]
+    assert first["t_read"].sum() == decoded["t_read"].sum()  # carried through
+    started = first["t_ready"][0] - 1.0
+    timing = {"t_read": 0.25, "t_decode": 0.5, "t_load": 2.0, "t_invert": 8.0, "t_invert_cpu": 6.0, "t_write": 0.125,
+              "t_ready": started + 3.0, "t_first": started + 3.5, "t_done": started + 12.0, "model_loads": 1}
+    assert stage_seconds(timing, 0.015, started) == {
+        "plan_s": 0.01, "actor_ready_s": 3.0, "first_batch_s": 3.5, "last_batch_s": 12.0, "model_loads": 1,
+        "model_load_s": 2.0, "read_s": 0.25, "decode_s": 0.5, "invert_s": 8.0, "invert_cpu_s": 6.0, "write_s": 0.12}

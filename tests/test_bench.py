@@ -124,3 +124,28 @@ def test_align_bench_reports_faces_per_s_and_writes_a_panel(tmp_path, capsys):
     extra = align.write_panel(tmp_path / "more.png", [(name, Image.new("RGB", (w, 50))) for name, w in
                                                       (("original", 100), ("aligned", 50), ("edit", 50))], height=100)
     assert Image.open(extra).size == (200 + 100 + 100 + 2 * 6, 100 + 22)
+
+
+def test_batch_bench_reports_per_round_ratios_as_median_and_spread():
+    batch = load_bench("batch")
+
+    def runs(seconds):
+        return [{"images": 0, "seconds": s} for s in seconds]
+
+    ray = [{"seconds": s, "images_per_s": 1.0, "stages": {"invert_s": s / 2, "actor_ready_s": None}}
+           for s in (8.0, 10.0, 40.0)]
+    ray2 = [{"seconds": s, "images_per_s": 1.0, "stages": {"invert_s": s / 2, "actor_ready_s": 1.0}}
+            for s in (13.0, 14.0, 30.0)]
+    out = batch.summarise({"plain": runs([10.0, 12.0, 11.0]), "plain_2x": runs([20.0, 21.0, 22.0]),
+                           "ray_1a": ray, "ray_1a_2x": ray2}, [1], 100)
+    r = out["ratios"]
+    # within each round: plain seconds / ray seconds, and the extra seconds of 2N over N for the margin
+    assert r["ray_1a_over_plain_end_to_end"]["rounds"] == [1.25, 1.2, 0.275]
+    assert r["ray_1a_over_plain_end_to_end"]["median"] == 1.2
+    assert r["ray_1a_over_plain_end_to_end"]["min"] == 0.275 and r["ray_1a_over_plain_end_to_end"]["max"] == 1.25
+    # a round whose 2N run was faster than its N run has no margin: listed, left out of the statistics
+    assert r["ray_1a_over_plain_marginal"]["rounds"] == [2.0, 2.25, None]
+    assert r["ray_1a_over_plain_marginal"]["median"] == 2.125
+    assert out["marginal_images_per_s"]["plain"]["rounds"] == [10.0, 11.11, 9.09]
+    assert out["cases"]["ray_1a"]["stages"] == {"invert_s": 5.0}  # a stage some round lacks is left out
+    assert out["cases"]["plain"]["seconds"]["median"] == 11.0

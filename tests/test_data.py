@@ -9,6 +9,7 @@ import math
 import re
 import time
 import urllib.request
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -17,12 +18,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+import torch
 from helpers import ROOT, forged_png, free_port
 from PIL import Image, features
 
 from clcae.config import StorageConfig
 from clcae.data import storage as st
-from clcae.data.images import InputError
+from clcae.data.images import InputError, to_pixels, uint8_to_unit, unit_to_uint8
 from clcae.data.ingest import make_shards
 from clcae.data.shards import (
     ShardError,
@@ -403,13 +405,50 @@ def test_decode_batch_gives_training_arrays():
              "w": np.array([r["w"] for r in rows] + [None], dtype=object)[:3],  # Ray: object array of arrays
              "seed": np.array([r["seed"] for r in rows])}
     out = decode_batch(batch, size=(16, 8), keep=["seed"])
-    assert out["image"].shape == (3, 3, 16, 8) and out["image"].dtype == np.float32
-    assert -1.0 <= out["image"].min() < out["image"].max() <= 1.0
+    # uint8 HWC through Ray Data; the consumer's uint8_to_unit gives the float (B, 3, H, W) in [-1, 1] that
+    # decode_batch returned before, bit for bit (resize, then v / 127.5 - 1 in float32)
+    assert out["image"].shape == (3, 16, 8, 3) and out["image"].dtype == np.uint8
+    resized = [np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB").resize((8, 16), Image.Resampling.BICUBIC))
+               for r in rows]
+    before = np.stack([torch.from_numpy(a.copy()).permute(2, 0, 1).float().numpy() / np.float32(127.5) - 1
+                       for a in resized]).astype(np.float32)
+    unit = uint8_to_unit(out["image"])
+    assert unit.shape == (3, 3, 16, 8) and unit.dtype == torch.float32 and unit.is_contiguous()
+    assert np.array_equal(unit.numpy(), before) and -1.0 <= unit.min() < unit.max() <= 1.0
     assert out["w"].shape == (3, 6) and out["w"].dtype == np.float32 and out["w"][2, 0] == 2.0
     assert out["seed"].tolist() == [0, 1, 2]
     batch["image"][1] = b"garbage"
     with pytest.raises(InputError, match="'k1'"):
         decode_batch(batch, size=(16, 8))
+
+
+def test_pixel_conversions_are_the_one_arithmetic_and_round_trip_exactly():
+    every = np.arange(256, dtype=np.uint8)
+    pixels = np.stack([np.roll(every, i) for i in range(6)]).reshape(2, 16, 16, 3)  # every value, NHWC
+    unit = uint8_to_unit(pixels)
+    assert unit.shape == (2, 3, 16, 16) and unit.dtype == torch.float32 and unit.is_contiguous()
+    # the arithmetic every copy used: float32 v / 127.5 - 1, channels first
+    assert torch.equal(unit, torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert unit.min() == -1.0 and unit.max() == 1.0
+    back = unit_to_uint8(unit)
+    assert back.dtype == np.uint8 and back.shape == pixels.shape and np.array_equal(back, pixels)  # exact
+    assert np.array_equal(unit_to_uint8(uint8_to_unit(pixels[0])), pixels[0])  # one (H, W, 3) image too
+    assert uint8_to_unit(torch.from_numpy(pixels), "cpu").equal(unit)  # a tensor, moved to a device
+    # read-only arrays (PIL's, Ray's zero-copy blocks) are accepted without torch's warning
+    frozen = pixels.copy()
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert uint8_to_unit(frozen).equal(unit)
+    # floats out of range clamp, and round to the nearest level as tensor_to_pil always did
+    x = torch.linspace(-1.5, 1.5, 3 * 8 * 8).reshape(1, 3, 8, 8)
+    assert np.array_equal(unit_to_uint8(x),
+                          ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    for bad in (pixels.astype(np.float32), pixels[..., :2]):
+        with pytest.raises(InputError, match="uint8 pixels"):
+            uint8_to_unit(bad)
+    assert np.array_equal(to_pixels(Image.fromarray(pixels[0]), (16, 16)), pixels[0])  # right size: untouched
+    assert to_pixels(pixels[0], (8, 4)).shape == (8, 4, 3)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -429,10 +468,38 @@ def test_read_shards_from_s3_with_ray(s3_server, s3_bucket, ray_cluster):
     batches = list(ds.map_batches(decode_batch, fn_kwargs={"size": (16, 16)}, batch_size=4)
                    .iter_torch_batches(batch_size=7))
     assert len(batches) == 1
-    assert tuple(batches[0]["image"].shape) == (7, 3, 16, 16) and tuple(batches[0]["w"].shape) == (7, 4)
+    assert tuple(batches[0]["image"].shape) == (7, 16, 16, 3) and batches[0]["image"].dtype == torch.uint8
+    assert tuple(uint8_to_unit(batches[0]["image"]).shape) == (7, 3, 16, 16) and tuple(batches[0]["w"].shape) == (7, 4)
     assert batches[0]["w"][:, 0].tolist() == [float(i) for i in range(7)]
     with pytest.raises(ShardError, match=r"no column\(s\) \['label'\]"):
         read_shards(uri, s3_server.storage, columns=["key", "label"])
+
+
+def test_training_dataset_carries_uint8_pixels(ray_cluster, tmp_path):
+    """What Ray Data moves through the object store for training is uint8 (B, H, W, 3) at the input size (a
+    quarter of float32); the train loop's uint8_to_unit turns it into the same float input as before."""
+    import ray
+    from ray.data.block import BlockAccessor
+
+    from clcae.config import load_config
+    from clcae.train.loop import build_dataset
+
+    with ShardWriter(str(tmp_path / "pairs"), rows_per_shard=4, schema=shard_schema(style_dim=64)) as w:
+        for i in range(8):
+            w.write(_row(i, dim=64))
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.pairs=[{tmp_path / 'pairs'}]", "data.batch_size=4"])
+    ds = build_dataset(cfg, "contrastive").materialize()
+    assert ds.count() == 8
+    for bundle in ds.iter_internal_ref_bundles():
+        for block_ref in bundle.block_refs:
+            image = BlockAccessor.for_block(ray.get(block_ref)).to_batch_format("numpy")["image"]
+            assert image.dtype == np.uint8 and image.shape[1:] == (64, 64, 3)
+    batch = next(iter(ds.iter_torch_batches(batch_size=4)))
+    assert batch["image"].dtype == torch.uint8 and tuple(batch["image"].shape) == (4, 64, 64, 3)
+    before = np.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(_row(i)["image"])).resize(
+        (64, 64), Image.Resampling.BICUBIC)).copy()).permute(2, 0, 1).float().numpy() / np.float32(127.5) - 1
+        for i in range(4)])
+    assert np.array_equal(uint8_to_unit(batch["image"]).numpy(), before)
 
 
 def test_errors_table_does_not_break_reading_the_shard_folder(zoo, tmp_path):

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clcae.errors import CLCAEError
+
+if TYPE_CHECKING:
+    import torch
 
 # What the platform reads as an image file when it lists a folder (the batch job, evaluate).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -74,23 +77,67 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def pil_to_tensor(im: Image.Image | np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """RGB image -> (3, H, W) float in [-1, 1], resized (bicubic, antialiased by PIL) to ``size`` = (H, W)."""
+def to_pixels(im: Image.Image | np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """RGB image (PIL, or an HxWx3 uint8 array) -> (H, W, 3) uint8 at ``size`` = (H, W), resized bicubic
+    (antialiased by PIL): the size policy of every front door, and what Ray Data carries (a quarter of the bytes
+    of float32)."""
     if isinstance(im, np.ndarray):
         if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
             raise InputError(f"expected an HxWx3 uint8 array, got {im.shape} {im.dtype}")
+        if im.shape[:2] == tuple(size):
+            return im
         im = Image.fromarray(im)
     im = to_rgb(im)
     if im.size != (size[1], size[0]):
         im = im.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-    arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float()
-    return arr / 127.5 - 1.0
+    return np.asarray(im, dtype=np.uint8)
+
+
+def uint8_to_unit(pixels: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 pixels (B, H, W, 3) or (H, W, 3), numpy or torch -> float32 (B, 3, H, W) / (3, H, W) in [-1, 1]
+    (``v / 127.5 - 1``), contiguous, on ``device`` (default: where the pixels are).
+
+    The uint8 pixels move to the device first and are converted there: the one place the platform turns
+    pixels into model input (the batch job, Serve, training, every ``pil_to_tensor``)."""
+    import torch  # here, not at the top: decoding (Ray Data's CPU tasks) needs no torch, and importing it costs seconds
+
+    if isinstance(pixels, np.ndarray):
+        arr = np.ascontiguousarray(pixels)
+        # torch warns on read-only arrays (PIL's, Ray's zero-copy blocks); a uint8 copy is a quarter of the float
+        x = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+    else:
+        x = pixels
+    if x.dtype != torch.uint8 or x.ndim not in (3, 4) or x.shape[-1] != 3:
+        raise InputError(f"expected uint8 pixels (B, H, W, 3) or (H, W, 3), got {tuple(x.shape)} {x.dtype}")
+    if device is not None:
+        x = x.to(device, non_blocking=True)
+    x = x.permute(2, 0, 1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    return (x.float() / 127.5 - 1.0).contiguous()
+
+
+def unit_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float (B, 3, H, W) or (3, H, W) in [-1, 1] -> uint8 (B, H, W, 3) / (H, W, 3) numpy on the CPU: clamped to
+    [-1, 1], ``(x + 1) * 127.5`` rounded to the nearest integer (on the images' device; only uint8 is copied back).
+    ``uint8_to_unit(unit_to_uint8(x))`` is ``x`` quantised to 8 bits, and ``unit_to_uint8(uint8_to_unit(p)) == p``
+    exactly."""
+    import torch
+
+    if images.ndim not in (3, 4) or images.shape[-3] != 3:
+        raise InputError(f"expected images (B, 3, H, W) or (3, H, W), got {tuple(images.shape)}")
+    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    arr = arr.permute(1, 2, 0) if arr.ndim == 3 else arr.permute(0, 2, 3, 1)
+    return np.ascontiguousarray(arr.cpu().numpy())
+
+
+def pil_to_tensor(im: Image.Image | np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """RGB image -> (3, H, W) float in [-1, 1], resized (bicubic, antialiased by PIL) to ``size`` = (H, W):
+    :func:`to_pixels`, then :func:`uint8_to_unit`."""
+    return uint8_to_unit(to_pixels(im, size))
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> RGB PIL images (clamped)."""
-    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in arr]
+    """(B, 3, H, W) in [-1, 1] -> RGB PIL images (clamped): :func:`unit_to_uint8`."""
+    return [Image.fromarray(a) for a in unit_to_uint8(images)]
 
 
 def encode_png(image: Image.Image) -> bytes:

@@ -53,7 +53,7 @@ import pyarrow.parquet as pq
 
 from clcae.config import StorageConfig
 from clcae.data import storage as st
-from clcae.data.images import InputError, decode_image, pil_to_tensor
+from clcae.data.images import InputError, decode_image, to_pixels
 from clcae.errors import CLCAEError
 
 if TYPE_CHECKING:
@@ -338,23 +338,26 @@ def open_shards(files: Sequence[str], storage: StorageConfig | None = None, colu
 
 
 def decode_batch(batch: Mapping[str, np.ndarray], size: tuple[int, int], keep: Sequence[str] = ()) -> dict:
-    """A Ray Data batch of shard rows -> ``{"image": float32 (B, 3, H, W) in [-1, 1], "w": float32 (B, D)}``.
+    """A Ray Data batch of shard rows -> ``{"image": uint8 (B, H, W, 3), "w": float32 (B, D)}``.
 
-    For ``ds.map_batches(decode_batch, fn_kwargs={"size": (256, 256)})``. ``w`` is there when the batch has
-    it; ``keep`` names other columns copied through (e.g. "seed"; strings do not go through
-    ``iter_torch_batches``). A row that does not decode raises InputError naming its key.
+    For ``ds.map_batches(decode_batch, fn_kwargs={"size": (256, 256)})``: decoding and resizing run in Ray Data's
+    CPU tasks, and the pixels travel through the object store as uint8 (a quarter of float32's bytes); the
+    consumer turns them into the model's float (B, 3, H, W) in [-1, 1] on its device with
+    :func:`clcae.data.images.uint8_to_unit` (the training loop does). ``w`` is there when the batch has it;
+    ``keep`` names other columns copied through (e.g. "seed"; strings do not go through ``iter_torch_batches``).
+    A row that does not decode raises InputError naming its key.
     """
     h, w = size
     images = batch["image"]
     keys = batch.get("key")
-    out_images = np.empty((len(images), 3, h, w), np.float32)
+    out_images = np.empty((len(images), h, w, 3), np.uint8)
     for i, data in enumerate(images):
         try:
             im = decode_image(bytes(data))
         except InputError as exc:
             name = keys[i] if keys is not None else f"row {i}"
             raise InputError(f"shard image {name!r}: {exc}") from None
-        out_images[i] = pil_to_tensor(im, (h, w)).numpy()
+        out_images[i] = to_pixels(im, (h, w))
     out: dict[str, np.ndarray] = {"image": out_images}
     if "w" in batch:
         out["w"] = _stack_w(batch["w"])

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from clcae.config import CLCAEConfig, from_dict, to_dict
+from clcae.data.images import unit_to_uint8
 from clcae.data.shards import shard_schema
 from clcae.data.storage import check_access, list_files, write_bytes
 from clcae.device import pick_device
@@ -77,7 +78,7 @@ class PairGenerator:
         w = g.mapping(seed_z(seeds, g.style_dim).to(self.device))
         crop = tuple(self.cfg.generator.crop) if self.cfg.generator.crop else None
         images = crop_and_pool(g.synthesis(w), crop, tuple(self.cfg.encoder.input_size)).clamp(-1, 1)
-        arr = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        arr = unit_to_uint8(images)
         pngs = []
         for a in arr:
             buf = io.BytesIO()

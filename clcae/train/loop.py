@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from clcae.config import CLCAEConfig, from_dict, to_dict, validate
+from clcae.data.images import uint8_to_unit
 from clcae.train.preflight import CHECKPOINT_FILE, CHECKPOINT_META, TrainSetupError
 
 if TYPE_CHECKING:
@@ -319,7 +320,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
             batches = 0
             for batch in shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True, device=device):
                 batches += 1
-                images = batch["image"]
+                images = uint8_to_unit(batch["image"])  # uint8 (B, H, W, 3) on the device -> float (B, 3, H, W)
                 if stage == "inversion" and cfg.data.hflip:
                     images = random_hflip(images)
                 if sample_batch is None:

@@ -150,6 +150,14 @@ class _PlainFormatter(logging.Formatter):
         return message
 
 
+# Ray starts its workers at nice 15, below the driver and everything else on the machine. On a machine of its own
+# that costs nothing; on one shared with anything else (a plain script, other jobs, tests) the job's actors get a
+# fraction of the CPU a plain loop gets (bench/batch.py, 2 cores shared with other work: the inversion actor took
+# 1.8-3x the plain loop's wall time per image for the same model). A local cluster runs the user's own job: its
+# workers keep the user's priority. A cluster started with `ray start` keeps its own setting.
+LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
+
+
 def init_ray(num_cpus: int | None = None, verbose: bool | None = None) -> str | None:
     """Join the cluster named by RAY_ADDRESS (as inside `ray job submit`), else start a local one; returns the
     session folder (Ray's logs are in its ``logs/``).  ``verbose`` (default: what :func:`configure_output` was
@@ -180,7 +188,8 @@ def init_ray(num_cpus: int | None = None, verbose: bool | None = None) -> str | 
     if os.environ.get("RAY_ADDRESS"):
         context = ray.init(**quiet)  # RAY_ADDRESS names the cluster
     else:
-        context = ray.init(num_cpus=num_cpus or max(4, (os.cpu_count() or 2) * 2), include_dashboard=False, **quiet)
+        context = ray.init(num_cpus=num_cpus or max(4, (os.cpu_count() or 2) * 2), include_dashboard=False,
+                           _system_config=LOCAL_SYSTEM_CONFIG, **quiet)
     _session_dir = (getattr(context, "address_info", None) or {}).get("session_dir") or _current_session_dir()
     ctx = ray.data.DataContext.get_current()
     # In a terminal: one progress bar per dataset, not one per operator (outside one Ray Data logs progress,
