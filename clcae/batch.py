@@ -828,14 +828,3 @@ def _read_files(batch: dict[str, np.ndarray], storage, faults: BatchFaults | Non
             raise TransientError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from exc
     return {"key": batch["key"], "source": batch["source"], "image": np.asarray(data, dtype=object),
             "error": np.asarray(errors, dtype=object), "t_read": _on_first_row(len(data), time.perf_counter() - start)}
-
-
-def read_table(uri: str, cfg: CLCAEConfig, sub: str = "latents") -> pa.Table:
-    """The whole latent (or errors) table as one pyarrow Table (for tests and small tables)."""
-    files = st.list_files(st.join(uri, sub), cfg.storage)
-    tables = []
-    for f in files:
-        fs, path = st.filesystem(f, cfg.storage)
-        with fs.open(path, "rb") as fh:
-            tables.append(pq.read_table(fh))
-    return pa.concat_tables(tables) if tables else pa.table({})

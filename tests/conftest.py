@@ -126,10 +126,15 @@ def inverter(tmp_path_factory):
     return Inverter(build_clcae(cfg), build_directions(cfg), device="cpu", model_id="tiny-test")
 
 
+# Fixtures that start a Ray cluster: ours, and test_multinode's several-node ones.
+CLUSTER_FIXTURES = {"ray_cluster", "nodes", "small_store"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Mark every test that starts Ray (the ``ray_cluster`` fixture) as ``cluster`` for ``make test-fast``."""
+    """Mark every test that starts Ray (the ``ray_cluster`` fixture, or one of the clusters of
+    ``CLUSTER_FIXTURES``) as ``cluster`` for ``make test-fast``."""
     for item in items:
-        if "ray_cluster" in getattr(item, "fixturenames", ()):
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.cluster)
 
 

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
@@ -88,3 +90,15 @@ def serve_app(cfg: CLCAEConfig, html: str = "<html><body>editor</body></html>") 
         yield f"http://127.0.0.1:{cfg.serve.port}"
     finally:
         serve.shutdown()
+
+
+def read_output_table(uri: str, cfg: CLCAEConfig, sub: str = "latents") -> pa.Table:
+    """A bulk job's whole latent (or ``errors``) table as one pyarrow Table (small tables, for asserts)."""
+    from clcae.data import storage as st
+
+    tables = []
+    for f in st.list_files(st.join(uri, sub), cfg.storage):
+        fs, path = st.filesystem(f, cfg.storage)
+        with fs.open(path, "rb") as fh:
+            tables.append(pq.read_table(fh))
+    return pa.concat_tables(tables) if tables else pa.table({})

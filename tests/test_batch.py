@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import ROOT, forged_png, noise_image
+from helpers import ROOT, forged_png, noise_image, read_output_table
 from PIL import Image
 
-from clcae.batch import invert_to_table, read_table
+from clcae.batch import invert_to_table
 from clcae.config import load_config
 from clcae.data.shards import ShardWriter
 
@@ -62,7 +62,7 @@ def test_exact_accounting_and_idempotent_rerun(ray_cluster, tmp_path):
     c = cfg("infer.with_f=true")
     first = invert_to_table(c, [str(tmp_path / "in")], out)
     assert first["inputs"] == 41 and first["written"] == 38 and first["errors"] == 3 and first["skipped"] == 0
-    latents, errors = read_table(out, c), read_table(out, c, "errors")
+    latents, errors = read_output_table(out, c), read_output_table(out, c, "errors")
     assert latents.num_rows == 38 and errors.num_rows == 3
     assert set(errors.column("key").to_pylist()) == {"sub/img_003.png", "sub/img_017.png", "empty.jpg"}
     assert all(e for e in errors.column("error").to_pylist())
@@ -81,12 +81,12 @@ def test_exact_accounting_and_idempotent_rerun(ray_cluster, tmp_path):
     # re-run: nothing to do, nothing duplicated
     again = invert_to_table(c, [str(tmp_path / "in")], out)
     assert again["skipped"] == 41 and again["written"] == 0 and again["errors"] == 0
-    assert read_table(out, c).num_rows == 38
+    assert read_output_table(out, c).num_rows == 38
     # new files arriving later (or an interrupted run): only those are processed
     (tmp_path / "in" / "late.png").write_bytes(png(99))
     third = invert_to_table(c, [str(tmp_path / "in")], out)
     assert third["written"] == 1 and third["skipped"] == 41
-    keys = read_table(out, c).column("key").to_pylist()
+    keys = read_output_table(out, c).column("key").to_pylist()
     assert len(keys) == len(set(keys)) == 39
 
 
@@ -103,7 +103,7 @@ def test_shards_on_s3_round_trip_and_ray_data_reads_the_table(s3_server, ray_clu
             writer.write({"key": f"k{i:02d}", "image": data, "height": 40, "width": 48})
     summary = invert_to_table(c, [f"{bucket}/shards"], f"{bucket}/latents")
     assert (summary["inputs"], summary["written"], summary["errors"]) == (12, 11, 1)
-    table = read_table(f"{bucket}/latents", c)
+    table = read_output_table(f"{bucket}/latents", c)
     assert sorted(table.column("key").to_pylist()) == [f"k{i:02d}" for i in range(12) if i != 5]
     assert all(s.startswith(f"{bucket}/shards/") for s in table.column("source").to_pylist())
     from clcae.data.storage import filesystem
@@ -125,12 +125,12 @@ def test_bad_input_zoo_each_becomes_an_error_row(ray_cluster, tmp_path):
     c = cfg()
     summary = invert_to_table(c, [str(folder)], str(tmp_path / "out"))
     assert (summary["inputs"], summary["written"], summary["errors"]) == (len(ZOO_OK) + len(bad), len(ZOO_OK), len(bad))
-    errors = {r["key"]: r["error"] for r in read_table(str(tmp_path / "out"), c, "errors").to_pylist()}
+    errors = {r["key"]: r["error"] for r in read_output_table(str(tmp_path / "out"), c, "errors").to_pylist()}
     assert set(errors) == bad
     assert "pixel limit" in errors["bomb.png"] or "bomb" in errors["bomb.png"]
     assert "0 bytes" in errors["zero.png"] and "smaller than" in errors["tiny.png"]
     assert "cannot read file" in errors["dangling.png"]
-    assert set(read_table(str(tmp_path / "out"), c).column("key").to_pylist()) == set(ZOO_OK)
+    assert set(read_output_table(str(tmp_path / "out"), c).column("key").to_pylist()) == set(ZOO_OK)
 
 
 def test_interrupted_run_resumes_only_missing_rows_of_a_partly_done_shard(ray_cluster, tmp_path):
@@ -146,7 +146,7 @@ def test_interrupted_run_resumes_only_missing_rows_of_a_partly_done_shard(ray_cl
     parts[0].unlink()  # as if the run had died before this part was written
     again = invert_to_table(c, [str(tmp_path / "shards")], out)
     assert again["written"] == len(lost) and again["skipped"] == 20 - len(lost)
-    keys = read_table(out, c).column("key").to_pylist()
+    keys = read_output_table(out, c).column("key").to_pylist()
     assert sorted(keys) == [f"k{i:02d}" for i in range(20)]
 
 
@@ -189,7 +189,7 @@ def test_inputs_holding_the_same_names_get_distinct_stable_keys(ray_cluster, tmp
     out, c = str(tmp_path / "out"), cfg()
     first = invert_to_table(c, inputs, out)
     assert (first["inputs"], first["written"], first["errors"], first["skipped"]) == (14, 14, 0, 0)
-    table = read_table(out, c)
+    table = read_output_table(out, c)
     keys = table.column("key").to_pylist()
     assert len(set(keys)) == 14
     assert {"dirA/img_000.png", "dirB/img_000.png", "dirA/sub/img_001.png", "shardsA/k0", "shardsB/k0"} <= set(keys)
@@ -201,7 +201,7 @@ def test_inputs_holding_the_same_names_get_distinct_stable_keys(ray_cluster, tmp
     (data / "dirB" / "late.png").write_bytes(png(99))
     (data / "dirA" / "late.png").write_bytes(png(98))
     third = invert_to_table(c, inputs[:1], str(tmp_path / "out_a"))  # one input: keys as before, unprefixed
-    assert "late.png" in read_table(str(tmp_path / "out_a"), c).column("key").to_pylist()
+    assert "late.png" in read_output_table(str(tmp_path / "out_a"), c).column("key").to_pylist()
     assert third["written"] == 5
     fourth = invert_to_table(c, inputs, out)
     assert (fourth["written"], fourth["skipped"]) == (2, 14)
@@ -254,9 +254,9 @@ def test_transient_failures_are_retried_never_written_as_error_rows(ray_cluster,
     out, c = str(tmp_path / "out"), cfg()
     summary = invert_to_table(c, [str(tmp_path / "in")], out, faults=faults)
     assert all(m.exists() for m in markers.values())  # every fault really happened
-    assert read_table(out, c, "errors").num_rows == 0
+    assert read_output_table(out, c, "errors").num_rows == 0
     assert (summary["inputs"], summary["written"], summary["errors"]) == (12, 12, 0)
-    keys = read_table(out, c).column("key").to_pylist()
+    keys = read_output_table(out, c).column("key").to_pylist()
     assert len(keys) == len(set(keys)) == 12
 
 

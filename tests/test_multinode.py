@@ -23,11 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import read_output_table, tiny
 from PIL import Image
 
-from clcae.config import load_config
-
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 TEMP_DIR = "/tmp/ray_mn"  # short: Unix socket paths
@@ -221,15 +219,14 @@ def node_of(pid: int, mn: MultiNode):
 def test_elastic_and_resource_settings_are_checked_before_anything_starts():
     from clcae.config import ConfigError
 
-    tiny = ROOT / "configs" / "tiny.yaml"
-    ok = load_config(tiny, ["train.num_workers=4", "train.min_workers=2", "train.resources_per_worker={slot: 1}"])
+    ok = tiny("train.num_workers=4", "train.min_workers=2", "train.resources_per_worker={slot: 1}")
     assert (ok.train.min_workers, ok.train.resources_per_worker) == (2, {"slot": 1.0})
     for bad, key in ((["train.num_workers=2", "train.min_workers=3"], "train.min_workers"),
                      (["train.min_workers=0"], "train.min_workers"),
                      (["train.resources_per_worker={GPU: 1}"], "train.resources_per_worker"),
                      (["train.resources_per_worker={slot: 0}"], "train.resources_per_worker")):
         with pytest.raises(ConfigError, match=key):
-            load_config(tiny, bad)
+            tiny(*bad)
 
 
 def test_a_worker_failure_is_one_warning_line_on_the_console(tmp_path, caplog):
@@ -273,8 +270,8 @@ class TestNodeDeath:
 
         bucket = s3_server.create_bucket()
         s3 = storage_overrides(s3_server)
-        write_shards(f"{bucket}/images", load_config(ROOT / "configs" / "tiny.yaml", s3).storage, 16, rows_per_shard=8)
-        cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        write_shards(f"{bucket}/images", tiny(*s3).storage, 16, rows_per_shard=8)
+        cfg = tiny(*[
             *s3, f"train.storage_path={bucket}/runs", f"data.train=[{bucket}/images]", "model.use_align=false",
             "data.batch_size=2", "train.log_every=1", "train.cpus_per_worker=0.5", "train.num_workers=2",
             "train.min_workers=1", "train.resources_per_worker={slot: 1}", "train.max_steps=9",
@@ -337,12 +334,12 @@ class TestNodeDeath:
         """Two inversion actors, one per node (Ray Data spreads them); a node dies while both hold their second
         batch. The dead actor is restarted on the surviving node and its batches are redone: every input ends in
         exactly one of latents or errors, no key twice, and a re-run finds nothing left to do."""
-        from clcae.batch import BatchFaults, invert_to_table, read_table
+        from clcae.batch import BatchFaults, invert_to_table
 
         while len(nodes.workers) < 2:
             nodes.add()
         bucket = s3_server.create_bucket()
-        cfg = load_config(ROOT / "configs" / "tiny.yaml", [*storage_overrides(s3_server), "infer.batch_size=4",
+        cfg = tiny(*[*storage_overrides(s3_server), "infer.batch_size=4",
                                                              "infer.rows_per_file=8", "infer.cpus_per_actor=0.5",
                                                              "infer.actors=2"])
         # image files (one Ray Data block per batch of them: both actors get work from the start)
@@ -387,7 +384,7 @@ class TestNodeDeath:
         assert "error" not in timing, timing.get("error")
         assert len(timing["nodes"]) == 2  # the two actors ran on two nodes
         assert not node_alive(timing["victim"])
-        latents, errors = read_table(out, cfg), read_table(out, cfg, "errors")
+        latents, errors = read_output_table(out, cfg), read_output_table(out, cfg, "errors")
         written, failed = latents.column("key").to_pylist(), errors.column("key").to_pylist()
         assert len(written) == len(set(written)) and len(failed) == len(set(failed))  # no key twice
         assert sorted(written + failed) == keys  # every input exactly once
@@ -436,12 +433,12 @@ def spilled_bytes() -> int | None:
 def test_bulk_job_streams_far_more_pixels_than_the_object_store_holds(small_store, tmp_path):
     """3x the object store in decoded pixels goes through the bulk job: exact accounting, and the memory of every
     process (driver and cluster) stays under a stated bound instead of growing with the input."""
-    from clcae.batch import invert_to_table, read_table
+    from clcae.batch import invert_to_table
 
     size = 128
     per_image = size * size * 3  # decoded uint8 pixels at the input size
     n = -(-3 * small_store // per_image)  # 3x the store
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"encoder.input_size=[{size},{size}]", "infer.batch_size=16",
+    cfg = tiny(*[f"encoder.input_size=[{size},{size}]", "infer.batch_size=16",
                                                          "infer.rows_per_file=1000", "infer.cpus_per_actor=0.5",
                                                          "infer.actors=2", "infer.psnr=false"])
     # The pixels must travel from the decode tasks to the inversion actors through the object store, as on a GPU
@@ -454,7 +451,7 @@ def test_bulk_job_streams_far_more_pixels_than_the_object_store_holds(small_stor
         summary = invert_to_table(cfg, [str(tmp_path / "shards")], out)
         seconds = time.time() - t
     assert (summary["inputs"], summary["written"], summary["errors"]) == (n, n, 0)
-    keys = read_table(out, cfg).column("key").to_pylist()
+    keys = read_output_table(out, cfg).column("key").to_pylist()
     assert len(keys) == len(set(keys)) == n
     assert n * per_image >= 3 * small_store
     limit = 6 * 2**30  # generous: measured 3.8 GiB (idle cluster 1.0 GiB) on a 2-core box under heavy load
