@@ -304,61 +304,79 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     if world > 1:
         step_obj.distribute(device)
 
-    t = cfg.train
     shard = ray.train.get_dataset_shard("train")
-    sample_batch = None
     metrics: dict[str, float] = {}
-    t0, images_seen = time.perf_counter(), 0
-    uri = loop_config["run_uri"]
     events: EventLog | None = None
     if rank == 0:  # one writer per run: TensorBoard beside the checkpoints
         from clcae.train.events import EventLog
 
-        events = EventLog(uri, cfg.storage, resumed_step=step if ckpt is not None else None)
+        events = EventLog(loop_config["run_uri"], cfg.storage, resumed_step=step if ckpt is not None else None)
+    after = _AfterStep(cfg, stage, run_name, loop_config["run_uri"], rank, world, device, step_obj, events)
     with events if events is not None else contextlib.nullcontext():
-        while step < t.max_steps:
+        while step < cfg.train.max_steps:
             batches = 0
             for batch in shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=True, device=device):
                 batches += 1
                 images = uint8_to_unit(batch["image"])  # uint8 (B, H, W, 3) on the device -> float (B, 3, H, W)
                 if stage == "inversion" and cfg.data.hflip:
                     images = random_hflip(images)
-                if sample_batch is None:
-                    sample_batch = images[:8].clone()
                 step += 1
                 _inject(faults, rank, step)
                 metrics = step_obj(images, batch["w"], step) if stage == "contrastive" else step_obj(images, step)
-                images_seen += images.shape[0] * world
-                report, checkpoint_dir = step % t.log_every == 0, None
-                checkpointing = step % t.checkpoint_every == 0 or step == t.max_steps
-                sampling = stage == "inversion" and (step % t.sample_every == 0 or step == t.max_steps)
-                with tempfile.TemporaryDirectory() as tmp:
-                    if checkpointing:
-                        report = True
-                        rng = _all_rng_states(device, world)  # every rank's stream goes into rank 0's file
-                        if rank == 0:
-                            _save(step_obj, cfg, stage, step, tmp, run_name, rng)
-                            checkpoint_dir = tmp
-                    if events is not None and sampling:
-                        grid = _write_samples(step_obj.samples(sample_batch), f"{uri}/samples/step_{step:06d}.png",
-                                              cfg)
-                        events.image("samples", grid, step)
-                    if report:
-                        elapsed = time.perf_counter() - t0
-                        metrics = {**metrics, "step": step, "images_per_s": images_seen / max(elapsed, 1e-9)}
-                        if events is not None:
-                            lr = step_obj.optimizer.param_groups[0]["lr"]
-                            events.scalars({**{k: v for k, v in metrics.items() if k != "step"}, "lr": lr}, step)
-                            events.sync(force=checkpointing or sampling)
-                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
-                                         if checkpoint_dir else None, checkpoint_dir_name=f"checkpoint_{step:06d}"
-                                         if checkpoint_dir else None)
-                if step >= t.max_steps:
+                metrics = after(step, metrics, images)
+                if step >= cfg.train.max_steps:
                     break
             if batches == 0:
                 raise RuntimeError(f"rank {rank} got no full batch of {cfg.data.batch_size} from its data shard: "
                                    "add data or lower data.batch_size")
     return {k: float(v) for k, v in metrics.items()}
+
+
+class _AfterStep:
+    """What follows a training step on every rank: the checkpoint (every rank's random state, written by rank 0),
+    the sample grid, TensorBoard, and ``ray.train.report`` at ``log_every`` / ``checkpoint_every`` /
+    ``sample_every``."""
+
+    def __init__(self, cfg: CLCAEConfig, stage: str, run_name: str, uri: str, rank: int, world: int,
+                 device: torch.device, step_obj: Any, events: EventLog | None):
+        self.cfg, self.stage, self.run_name, self.uri = cfg, stage, run_name, uri
+        self.rank, self.world, self.device, self.step_obj, self.events = rank, world, device, step_obj, events
+        self.t0, self.images_seen = time.perf_counter(), 0
+        self.sample_batch: torch.Tensor | None = None  # the first batch this worker saw: the grid's inputs
+
+    def __call__(self, step: int, metrics: dict[str, float], images: torch.Tensor) -> dict[str, float]:
+        import ray.train
+
+        t = self.cfg.train
+        if self.sample_batch is None:
+            self.sample_batch = images[:8].clone()
+        self.images_seen += images.shape[0] * self.world
+        report, checkpoint_dir = step % t.log_every == 0, None
+        checkpointing = step % t.checkpoint_every == 0 or step == t.max_steps
+        sampling = self.stage == "inversion" and (step % t.sample_every == 0 or step == t.max_steps)
+        with tempfile.TemporaryDirectory() as tmp:
+            if checkpointing:
+                report = True
+                rng = _all_rng_states(self.device, self.world)  # every rank's stream goes into rank 0's file
+                if self.rank == 0:
+                    _save(self.step_obj, self.cfg, self.stage, step, tmp, self.run_name, rng)
+                    checkpoint_dir = tmp
+            if self.events is not None and sampling:
+                grid = _write_samples(self.step_obj.samples(self.sample_batch),
+                                      f"{self.uri}/samples/step_{step:06d}.png", self.cfg)
+                self.events.image("samples", grid, step)
+            if not report:
+                return metrics
+            elapsed = time.perf_counter() - self.t0
+            metrics = {**metrics, "step": step, "images_per_s": self.images_seen / max(elapsed, 1e-9)}
+            if self.events is not None:
+                lr = self.step_obj.optimizer.param_groups[0]["lr"]
+                self.events.scalars({**{k: v for k, v in metrics.items() if k != "step"}, "lr": lr}, step)
+                self.events.sync(force=checkpointing or sampling)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
+                             if checkpoint_dir else None, checkpoint_dir_name=f"checkpoint_{step:06d}"
+                             if checkpoint_dir else None)
+        return metrics
 
 
 # ---------------------------------------------------------------------------------------- driver side
