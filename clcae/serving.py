@@ -30,7 +30,6 @@ import hmac
 import io
 import json
 import logging
-import math
 import os
 import time
 import warnings
@@ -68,6 +67,7 @@ from clcae.factory import build_directions, latent_shapes
 from clcae.inference import Inverter
 from clcae.metrics import psnr
 from clcae.pretrained import prepare
+from clcae.wire import ApiError, finite_number, from_wire, short, to_wire
 
 if TYPE_CHECKING:
     pass
@@ -79,14 +79,6 @@ API_KEY_HEADER = "x-api-key"
 # (/healthz, /v1/directions) and for the requests being refused, which hold a slot for a few milliseconds.
 INGRESS_HEADROOM = 64
 T = TypeVar("T")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
-                 extra: dict[str, Any] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
-        self.extra = extra or {}  # more JSON fields beside "error" (e.g. the faces found, so a client can choose)
 
 
 def check_api_key(expected: str | None, given: str | None) -> None:
@@ -103,76 +95,6 @@ def _inverter(config: dict[str, Any], source: Any):
     if source is not None:
         return Inverter.load(source, cfg, device=device)
     return Inverter.from_config(cfg, device=device)
-
-
-def _to_wire(t, dtype: str = "float32") -> dict[str, Any]:
-    """A tensor as {"dtype", "shape", "data": base64}: compact (JSON lists for w/w+ are for humans).  Latents
-    stay float32 so an edit of strength 0 reproduces the reconstruction; f may go as float16 (it only enters
-    additively, Eq. 6)."""
-    arr = np.ascontiguousarray(t.detach().float().cpu().numpy() if hasattr(t, "detach") else t).astype(dtype)
-    return {"dtype": str(arr.dtype), "shape": list(arr.shape), "data": base64.b64encode(arr.tobytes()).decode()}
-
-
-def _from_wire(obj: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A client's latent -> float32 array of ``shape``, or an ApiError: 400 for what is not numbers (strings,
-    booleans, null, ragged nesting, a broken wire form), 422 for numbers of the wrong shape or not finite in
-    float32 (NaN, inf, beyond +-3.4e38)."""
-    want = list(shape)
-    if isinstance(obj, list):
-        try:
-            arr = np.asarray(obj)
-        except (ValueError, TypeError, OverflowError, RecursionError):  # ragged or absurdly deep nesting
-            raise ApiError(400, f"latents.{name} must be a nested list of numbers of shape {want}") from None
-        if arr.dtype.kind not in "iuf":  # 'U' strings, 'b' booleans, 'O' null/objects/ints beyond 64 bits
-            raise ApiError(400, f"latents.{name} must contain only numbers (shape {want})")
-    elif isinstance(obj, dict) and {"dtype", "shape", "data"} <= set(obj):
-        arr = _from_wire_dict(obj, name, want)
-    else:
-        raise ApiError(400, f"latents.{name} must be a list or {{dtype, shape, data}} as returned by /v1/invert")
-    if list(arr.shape) != want:
-        raise ApiError(422, f"latents.{name} has shape {list(arr.shape)}, expected {want}")
-    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused just below
-        arr = arr.astype(np.float32)
-    if not np.isfinite(arr).all():
-        raise ApiError(422, f"latents.{name} contains NaN, infinite or out-of-range (beyond float32) values")
-    return arr
-
-
-def _from_wire_dict(obj: dict[str, Any], name: str, want: list[int]) -> np.ndarray:
-    dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
-    if dtype not in ("float16", "float32") or not isinstance(dtype, str):
-        raise ApiError(400, f"latents.{name}.dtype must be \"float16\" or \"float32\"")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                            for d in shape)):
-        raise ApiError(400, f"latents.{name}.shape must be a list of sizes, e.g. {want}")
-    if shape != want:  # before decoding: a lying shape must not size an allocation
-        raise ApiError(422, f"latents.{name} has shape {shape}, expected {want}")
-    if not isinstance(data, str):
-        raise ApiError(400, f"latents.{name}.data must be a base64 string")
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except ValueError:
-        raise ApiError(400, f"latents.{name}.data is not valid base64") from None
-    if len(raw) != math.prod(shape) * np.dtype(dtype).itemsize:
-        raise ApiError(400, f"latents.{name}: {len(raw)} bytes of data do not make a {dtype} array of shape {shape}")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
-
-
-def _finite_number(x: Any) -> float | None:
-    """x as a float if it is a finite JSON number (not a boolean, not an int too large for a float), else None."""
-    if isinstance(x, bool) or not isinstance(x, int | float):
-        return None
-    try:
-        value = float(x)
-    except OverflowError:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _short(x: Any, limit: int = 60) -> str:
-    """repr for an error message, cut short: clients may send megabytes."""
-    text = repr(x) if not isinstance(x, int) or abs(x) < 10**50 else f"an integer of {len(str(abs(x)))} digits"
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class Stages:
@@ -243,7 +165,7 @@ def _flag(value: str | None, name: str) -> bool:
     v = value.strip().lower()
     if v in TRUE or v in FALSE:
         return v in TRUE
-    raise ApiError(400, f"{name} must be true or false, got {_short(value)}")
+    raise ApiError(400, f"{name} must be true or false, got {short(value)}")
 
 
 def _face_index(value: str | None) -> int:
@@ -251,7 +173,7 @@ def _face_index(value: str | None) -> int:
         return 0
     v = value.strip()
     if not v.isdigit() or len(v) > 6:
-        raise ApiError(400, f"face must be a face index (0 = the largest), got {_short(value)}")
+        raise ApiError(400, f"face must be a face index (0 = the largest), got {short(value)}")
     return int(v)
 
 
@@ -442,7 +364,7 @@ class Api:
         fmt = (fields.get("photo_format", photo_format) or "png").strip().lower()
         fmt = "jpeg" if fmt == "jpg" else fmt
         if fmt not in PHOTO_FORMATS:
-            raise ApiError(400, f"photo_format must be 'png' or 'jpeg', got {_short(fmt)}")
+            raise ApiError(400, f"photo_format must be 'png' or 'jpeg', got {short(fmt)}")
         return on, index, fmt
 
     def _align(self, data: bytes | None, name: str, face: int) -> AlignedPhoto:
@@ -523,7 +445,7 @@ class Api:
             fields = {k: v for k, v in form.items() if isinstance(v, str)}
             if upload is None or isinstance(upload, str):
                 return None, unnamed, fields
-            name = _short(upload.filename, 100) if upload.filename else unnamed
+            name = short(upload.filename, 100) if upload.filename else unnamed
             return await upload.read(), name, fields
         if ctype.startswith("application/json"):
             return None, unnamed, {"_json": body.decode("utf-8", "replace")}
@@ -577,7 +499,7 @@ class Api:
             try:
                 raw = json.loads(raw)
             except (ValueError, RecursionError) as exc:  # JSONDecodeError, over-long integers, deep nesting
-                raise ApiError(400, f"'edits' is not valid JSON: {_short(str(exc), 200)}") from None
+                raise ApiError(400, f"'edits' is not valid JSON: {short(str(exc), 200)}") from None
         if isinstance(raw, dict):
             raw = [{"direction": k, "strength": v} for k, v in raw.items()]
         if not isinstance(raw, list) or not raw:
@@ -586,13 +508,13 @@ class Api:
         for e in raw:
             if not isinstance(e, dict) or "direction" not in e or "strength" not in e:
                 raise ApiError(400, "each edit needs 'direction' and 'strength'")
-            name, strength = e["direction"], _finite_number(e["strength"])
+            name, strength = e["direction"], finite_number(e["strength"])
             if not isinstance(name, str):
-                raise ApiError(400, f"'direction' must be a name (a string), got {_short(name)}")
+                raise ApiError(400, f"'direction' must be a name (a string), got {short(name)}")
             if strength is None:
-                raise ApiError(422, f"strength of {name!r} must be a finite number, got {_short(e['strength'])}")
+                raise ApiError(422, f"strength of {name!r} must be a finite number, got {short(e['strength'])}")
             if name not in self.directions.names():
-                raise ApiError(404, f"unknown direction {_short(name)}; known: {self.directions.names()}")
+                raise ApiError(404, f"unknown direction {short(name)}; known: {self.directions.names()}")
             cap = self.cfg.serve.max_strength
             if abs(strength) > cap:
                 raise ApiError(422, f"strength {strength} of {name!r} is out of range [-{cap:g}, {cap:g}]")
@@ -610,7 +532,7 @@ class Api:
         if missing:
             raise ApiError(400, f"latents are missing {missing}")
         # every latent the model receives is checked here: shape, numbers only, finite in float32
-        return {k: _from_wire(raw[k], k, self.shapes[k]) for k in ("w", "w_plus", "f", "deltas") if k in raw}
+        return {k: from_wire(raw[k], k, self.shapes[k]) for k in ("w", "w_plus", "f", "deltas") if k in raw}
 
     def _edit_request(self, text: str) -> tuple[list[tuple[str, float]], dict[str, np.ndarray], Any]:
         """A JSON /v1/edit body -> (edits, latents, format).  Runs in the pool: parsing megabytes of JSON and
@@ -618,7 +540,7 @@ class Api:
         try:
             payload = json.loads(text)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, over-long integers, deep nesting
-            raise ApiError(400, f"malformed JSON body: {_short(str(exc), 200)}") from None
+            raise ApiError(400, f"malformed JSON body: {short(str(exc), 200)}") from None
         if not isinstance(payload, dict):
             raise ApiError(400, "the JSON body must be an object with 'latents' and 'edits'")
         edits = self._edits(payload.get("edits"))
@@ -686,8 +608,8 @@ class Api:
         body = {
             "model_id": res["model_id"], "psnr": res["psnr"], "batch_size": res["batch_size"],
             "w": res["w"].tolist(), "w_plus": res["w_plus"].tolist(),
-            "latents": {"w": _to_wire(res["w"]), "w_plus": _to_wire(res["w_plus"]), "f": _to_wire(res["f"], "float16"),
-                        "deltas": _to_wire(res["deltas"])},
+            "latents": {"w": to_wire(res["w"]), "w_plus": to_wire(res["w_plus"]), "f": to_wire(res["f"], "float16"),
+                        "deltas": to_wire(res["deltas"])},
             "reconstruction_png": base64.b64encode(png).decode(),
         }
         if aligned:
@@ -723,7 +645,7 @@ class Api:
                 requested = fields.get("format")
             format = format if requested is None else requested
             if format not in ("json", "png"):
-                raise ApiError(400, f"format must be 'json' or 'png', got {_short(format)}")
+                raise ApiError(400, f"format must be 'json' or 'png', got {short(format)}")
             if "_json" not in fields:
                 if aligning:
                     aligned = await self._offload(self._align, data, name, index)
