@@ -37,6 +37,14 @@ from clcae.pretrained import prepare  # noqa: E402
 from clcae.train.runtime import configure_output, init_ray  # noqa: E402
 
 
+def summary_json(summary: dict) -> str:
+    """The summary as indented JSON, its time by stage (``stages``) on one line."""
+    if "stages" not in summary:
+        return json.dumps(summary, indent=2)
+    mark = '"__stages__"'
+    return json.dumps({**summary, "stages": mark[1:-1]}, indent=2).replace(mark, json.dumps(summary["stages"]))
+
+
 def exit_status(summary: dict) -> tuple[int, str | None]:
     """(exit code, message for stderr) of a finished job's summary."""
     # aligned photos: an input is a photo, which gives several face rows or one error row
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the job failed after retrying ({type(exc).__name__}); rows already written are kept, and "
               "re-running the same command resumes from them", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2))
+    print(summary_json(summary))
     code, message = exit_status(summary)
     if message:
         print(f"error: {message}", file=sys.stderr)
