@@ -53,9 +53,9 @@ from starlette.requests import Request as StarletteRequest
 from clcae.align import AlignedCrop, Aligner, NoFaceError, paste_back
 from clcae.config import CLCAEConfig, ServeConfig, from_dict, serve_api_key, to_dict
 from clcae.data.images import (
-    MIN_IMAGE_SIZE,
     InputError,
     UnreadableImageError,
+    check_min_size,
     decode_image,
     encode_png,
     to_pixels,
@@ -193,6 +193,14 @@ class AlignedPhoto:
                 "landmarks": None if f.landmarks is None else f.landmarks.tolist(), "score": f.score,
                 "source_size": list(f.source_size), "faces": _faces_json(self.faces), "align_ms": round(self.ms, 1),
                 "aligned_png": base64.b64encode(self.aligned_png).decode()}
+
+
+def _check_size(im: Image.Image, name: str) -> None:
+    """The one minimum size of every front door (images.check_min_size), as a 400."""
+    try:
+        check_min_size(im)
+    except InputError as exc:
+        raise ApiError(400, f"bad image: {name} is too small: {exc}") from None
 
 
 def _faces_json(faces: "list[AlignedCrop]") -> list[dict[str, Any]]:
@@ -375,9 +383,7 @@ class Api:
             photo = decode_image(data, name)  # EXIF orientation applied: quads are in these pixels
         except InputError as exc:
             raise ApiError(415 if isinstance(exc, UnreadableImageError) else 400, f"bad image: {exc}") from None
-        if min(photo.size) < MIN_IMAGE_SIZE:
-            raise ApiError(400, f"bad image: {name} is {photo.width}x{photo.height}: too small "
-                                f"(at least {MIN_IMAGE_SIZE} px a side)")
+        _check_size(photo, name)
         aligner = self._aligner()
         start = time.perf_counter()
         pixels = np.asarray(photo)  # an array has no EXIF: the aligner cannot rotate it a second time
@@ -459,8 +465,7 @@ class Api:
             im = decode_image(data, name)
         except InputError as exc:
             raise ApiError(415 if isinstance(exc, UnreadableImageError) else 400, f"bad image: {exc}") from None
-        if min(im.size) < 16:
-            raise ApiError(400, f"bad image: {name} is {im.width}x{im.height}: too small (at least 16 px a side)")
+        _check_size(im, name)
         return to_pixels(im, tuple(self.cfg.encoder.input_size))
 
     async def _call(self, handle: DeploymentHandle, *args: Any) -> Any:
