@@ -25,18 +25,33 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from PIL import Image
 
+from clcae.checkpoints import read_checkpoint, save_checkpoint
 from clcae.config import CLCAEConfig, from_dict, to_dict, validate
-from clcae.data.images import uint8_to_unit
-from clcae.train.preflight import CHECKPOINT_FILE, CHECKPOINT_META, TrainSetupError
-
-if TYPE_CHECKING:
-    from PIL import Image
-
-    from clcae.train.events import EventLog
+from clcae.data.images import image_grid, tensor_to_pil, uint8_to_unit
+from clcae.data.shards import decode_batch, open_shards, validate_shards
+from clcae.data.storage import check_access, filesystem, pyarrow_filesystem
+from clcae.factory import build_aligner, build_clcae, build_generator
+from clcae.pretrained import load, prepare
+from clcae.train.events import EventLog
+from clcae.train.preflight import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_META,
+    TrainSetupError,
+    absolute_uri,
+    check_batches,
+    check_files,
+    check_resume,
+    count_rows,
+    resolve_paths,
+)
+from clcae.train.progress import follow
+from clcae.train.steps import ContrastiveStep, InversionStep
+from clcae.weights import init_encoder_from_contrastive, load_into, load_irse_into_encoder, load_official_contrastive
 
 log = logging.getLogger(__name__)
 
@@ -60,37 +75,25 @@ def build_stage(cfg: CLCAEConfig, stage: str, stage1: str | None, resuming: bool
 
 def _build_stage(cfg: CLCAEConfig, stage: str, stage1: str | None, resuming: bool,
                  init_from: dict[str, Any] | None = None):
-    from clcae.factory import build_aligner, build_clcae, build_generator
-    from clcae.train.steps import ContrastiveStep, InversionStep
-
     generator, latent_avg = build_generator(cfg)
     model = build_clcae(cfg, generator, latent_avg, load_pretrained=not resuming)
     x_avg = model.x_avg
     if stage == "contrastive":
         aligner = build_aligner(cfg, x_avg, latent_avg)
         if not resuming and cfg.encoder.pretrained:
-            from clcae.weights import load_irse_into_encoder
-
             load_irse_into_encoder(cfg.encoder.pretrained, aligner.image_encoder.encoder)
         return ContrastiveStep(cfg, aligner)
     aligner = None
     if stage1 is not None:
         aligner = load_stage1(cfg, stage1, x_avg, latent_avg)
     elif cfg.uses_align and cfg.contrastive.official_image:
-        from clcae.weights import load_official_contrastive
-
         # the authors' released stage-1 pair (best_model_image.pt + best_model_latent.pt)
         aligner = build_aligner(cfg, x_avg, latent_avg)
         load_official_contrastive(cfg.contrastive.official_image, cfg.contrastive.official_latent, aligner)
     if aligner is not None and not resuming:
-        from clcae.weights import init_encoder_from_contrastive
-
         init_encoder_from_contrastive(aligner, model)
     if init_from is not None and not resuming:
-        from clcae.config import from_dict as _from_dict
-        from clcae.pretrained import load
-
-        trained = load(init_from["source"], _from_dict(init_from["config"]))
+        trained = load(init_from["source"], from_dict(init_from["config"]))
         model.encoder.load_state_dict(trained.encoder.state_dict())
     return InversionStep(cfg, model, aligner)
 
@@ -109,7 +112,6 @@ def init_source(cfg: CLCAEConfig) -> dict[str, Any] | None:
     not match this run fails here, before any worker starts) and hand the workers what they need to load it."""
     if not cfg.train.init_from:
         return None
-    from clcae.pretrained import prepare
 
     source, model_cfg = prepare(cfg.train.init_from, cfg)
     differ = [f"{sec}.{k}: model {getattr(getattr(model_cfg, sec), k)!r}, run {getattr(getattr(cfg, sec), k)!r}"
@@ -122,10 +124,6 @@ def init_source(cfg: CLCAEConfig) -> dict[str, Any] | None:
 
 
 def load_stage1(cfg: CLCAEConfig, uri: str, x_avg: torch.Tensor, latent_avg: torch.Tensor):
-    from clcae.checkpoints import read_checkpoint
-    from clcae.factory import build_aligner
-    from clcae.weights import load_into
-
     aligner = build_aligner(cfg, x_avg, latent_avg)
     ckpt = read_checkpoint(uri, kind="contrastive")
     load_into(aligner, ckpt["state_dict"], uri, "contrastive module")
@@ -148,8 +146,6 @@ def stage1_source(cfg: CLCAEConfig) -> str | None:
 
 def resolve_checkpoint(uri: str, cfg: CLCAEConfig) -> str:
     """A checkpoint file URI, or a run directory -> its newest ``checkpoint_*/checkpoint.pt``."""
-    from clcae.data.storage import filesystem
-
     fs, path = filesystem(uri, cfg.storage)
     if fs.isfile(path):
         return uri
@@ -228,8 +224,6 @@ def _restore(step_obj, ckpt, device: torch.device, rank: int) -> int:
 
 def _save(step_obj, cfg: CLCAEConfig, stage: str, step: int, directory: str, run_name: str,
           rng: list[dict[str, torch.Tensor]]) -> None:
-    from clcae.checkpoints import save_checkpoint
-
     save_checkpoint(Path(directory) / CHECKPOINT_FILE, stage, step_obj.model, to_dict(cfg),
                     **step_obj.training_state(), step=step, rng={"ranks": rng},
                     model_id=f"{run_name}@{step}")
@@ -239,9 +233,6 @@ def _save(step_obj, cfg: CLCAEConfig, stage: str, step: int, directory: str, run
 
 def _write_samples(columns: list[torch.Tensor], uri: str, cfg: CLCAEConfig) -> Image.Image:
     """Write the sample grid PNG to ``uri``; returns the grid (a PIL image) for TensorBoard."""
-    from clcae.data.images import image_grid, tensor_to_pil
-    from clcae.data.storage import filesystem
-
     rows = list(zip(*[tensor_to_pil(c) for c in columns]))
     grid = image_grid(rows)
     fs, path = filesystem(uri, cfg.storage)
@@ -308,7 +299,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     metrics: dict[str, float] = {}
     events: EventLog | None = None
     if rank == 0:  # one writer per run: TensorBoard beside the checkpoints
-        from clcae.train.events import EventLog
 
         events = EventLog(loop_config["run_uri"], cfg.storage, resumed_step=step if ckpt is not None else None)
     after = _AfterStep(cfg, stage, run_name, loop_config["run_uri"], rank, world, device, step_obj, events)
@@ -381,8 +371,6 @@ class _AfterStep:
 
 # ---------------------------------------------------------------------------------------- driver side
 def run_uri(cfg: CLCAEConfig, run_name: str) -> str:
-    from clcae.train.preflight import absolute_uri
-
     base = absolute_uri(cfg.train.storage_path)  # workers chdir elsewhere (RAY_CHDIR_TO_TRIAL_DIR)
     return f"{base.rstrip('/')}/{run_name}"
 
@@ -390,9 +378,6 @@ def run_uri(cfg: CLCAEConfig, run_name: str) -> str:
 def build_dataset(cfg: CLCAEConfig, stage: str):
     """Validate the shards and check that every worker gets a full batch (clear errors before any worker
     starts), then a decoding Ray Dataset."""
-    from clcae.data.shards import decode_batch, open_shards, validate_shards
-    from clcae.train.preflight import check_batches, count_rows
-
     uris = cfg.data.pairs if stage == "contrastive" else cfg.data.train
     key = "data.pairs" if stage == "contrastive" else "data.train"
     if not uris:
@@ -417,10 +402,6 @@ def fit(cfg: CLCAEConfig, stage: str, run_name: str, faults: Faults | None = Non
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from clcae.data.storage import check_access, pyarrow_filesystem
-    from clcae.train.preflight import check_files, check_resume, resolve_paths
-    from clcae.train.progress import follow
-
     if stage not in STAGES:
         raise TrainSetupError(f"stage must be one of {STAGES}, got {stage!r}")
     # Validated again: a config changed after loading (bench/, notebooks) would otherwise fail in the workers.
@@ -431,8 +412,6 @@ def fit(cfg: CLCAEConfig, stage: str, run_name: str, faults: Faults | None = Non
     resuming = check_resume(cfg, stage, run_name, uri)
     stage1 = stage1_source(cfg) if stage == "inversion" else None
     if stage1 is not None:
-        from clcae.checkpoints import read_checkpoint
-
         read_checkpoint(stage1, kind="contrastive")  # fail here, not in every worker
     check_files(cfg, stage, resuming)
     init_from = init_source(cfg) if stage == "inversion" else None
