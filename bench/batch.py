@@ -35,7 +35,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -47,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
+from bench.memory import PeakMemory  # noqa: E402
 from bench.report import emit  # noqa: E402
 from clcae.cli_args import config_file, default_config, parse_with_overrides  # noqa: E402
 from clcae.config import load_config  # noqa: E402
@@ -59,44 +59,6 @@ def write_images(folder: Path, n: int, size: int) -> None:
     for i in range(n):
         arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
         Image.fromarray(arr).save(folder / f"img_{i:06d}.png")
-
-
-def session_pss_bytes() -> int:
-    """PSS of every process in this process's session (the bench, Ray's GCS/raylet/workers)."""
-    sid, total = os.getsid(0), 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if os.getsid(int(entry)) != sid:
-                continue
-            with open(f"/proc/{entry}/smaps_rollup") as fh:
-                for line in fh:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1]) * 1024
-                        break
-        except (OSError, ProcessLookupError):
-            continue
-    return total
-
-
-class PeakMemory:
-    def __init__(self, every_s: float = 0.5):
-        self.peak, self.every, self._stop = 0, every_s, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, session_pss_bytes())
-            self._stop.wait(self.every)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def plain_inverter(cfg, batch: int):

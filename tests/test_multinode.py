@@ -15,6 +15,7 @@ import contextlib
 import io
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,8 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import read_output_table, tiny
+from helpers import ROOT, read_output_table, tiny
 from PIL import Image
+
+sys.path.insert(0, str(ROOT))  # bench/ is not an installed package
+from bench.memory import PeakMemory, descendants  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -38,67 +42,6 @@ WORKER_NODE = {"num_cpus": 2, "resources": {"slot": 1}, "object_store_memory": S
 
 
 # --------------------------------------------------------------------------------------------- processes
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
-def descendants(pid: int) -> list[int]:
-    tree, out, todo = _children(), [], [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def pss_bytes(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as fh:
-                for line in fh:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1]) * 1024
-                        break
-        except OSError:
-            continue
-    return total
-
-
-class PeakMemory:
-    """Peak PSS (shared object-store pages counted once) of this process and every process below it: the whole
-    local Ray cluster (GCS, raylets, workers), sampled every ``every_s``."""
-
-    def __init__(self, every_s: float = 0.25):
-        self.peak, self.every, self._stop = 0, every_s, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def sample(self) -> int:
-        return pss_bytes([os.getpid(), *descendants(os.getpid())])
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.sample())
-            self._stop.wait(self.every)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 # --------------------------------------------------------------------------------------------- cluster
 @dataclass
 class MultiNode:
