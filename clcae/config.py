@@ -192,6 +192,10 @@ class InferConfig:
     actors: int = 1  # inversion actors (one GPU each with use_gpu)
     use_gpu: bool = False
     cpus_per_actor: float = 1.0
+    # Batches an actor inverts at once, each on its own thread with cpus_per_actor / concurrent_batches intra-op
+    # threads. null: one per whole CPU on CPU actors (a batch of small images keeps one core busy better than two
+    # share it: bench/results/batch_cpu.json), 1 on a GPU.
+    concurrent_batches: int | None = None
     rows_per_file: int = 20_000  # latent-table rows per Parquet file (about 0.8 GB of w+ at 18x512)
     with_f: bool = False  # also store f (C x 16 x 16, float16): about 256 KB per row at C = 512
     psnr: bool = True  # store the reconstruction PSNR of G(w+, f) per row
@@ -569,6 +573,8 @@ def _check_data_train_storage(cfg: CLCAEConfig, check: Check) -> None:
     for name in ("batch_size", "actors", "rows_per_file"):
         check(getattr(i, name) >= 1, f"infer.{name}", "must be >= 1")
     check(i.cpus_per_actor > 0, "infer.cpus_per_actor", "must be > 0")
+    check(i.concurrent_batches is None or i.concurrent_batches >= 1, "infer.concurrent_batches",
+          "must be >= 1, or null for one per CPU of the actor (1 on a GPU)")
     check(i.align in (None, "faces", "cars"), "infer.align", "must be faces, cars or null (inputs already aligned)")
     check(i.max_retries >= 0, "infer.max_retries", "must be >= 0")
     check(i.precision in PRECISIONS, "infer.precision", f"must be one of {', '.join(PRECISIONS)}")

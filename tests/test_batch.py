@@ -12,7 +12,7 @@ from helpers import ROOT, forged_png, noise_image, read_output_table
 from PIL import Image
 
 from clcae.batch import invert_to_table
-from clcae.config import load_config
+from clcae.config import ConfigError, load_config
 from clcae.data.shards import ShardWriter
 
 pytestmark = pytest.mark.slow
@@ -378,3 +378,79 @@ def test_each_stage_is_timed_and_the_model_loads_once_per_actor(tmp_path):
     assert stage_seconds(timing, 0.015, started) == {
         "plan_s": 0.01, "actor_ready_s": 3.0, "first_batch_s": 3.5, "last_batch_s": 12.0, "model_loads": 1,
         "model_load_s": 2.0, "read_s": 0.25, "decode_s": 0.5, "invert_s": 8.0, "invert_cpu_s": 6.0, "write_s": 0.12}
+
+
+def test_an_actor_inverts_batches_concurrently_on_one_model(tmp_path):
+    """``infer.concurrent_batches``: the actor's calls run at once on threads of their own (as Ray Data runs them
+    with ``max_concurrent_calls_per_actor``), share one model, give what one call at a time gives, and report the
+    model's load once."""
+    import threading
+    import time
+
+    import torch
+
+    from clcae.batch import InvertActor, concurrent_batches, decode_rows
+    from clcae.config import to_dict
+
+    c = cfg("infer.cpus_per_actor=2")
+    assert concurrent_batches(c.infer) == 2  # one per whole CPU on a CPU actor
+    assert concurrent_batches(cfg("infer.cpus_per_actor=2", "infer.use_gpu=true").infer) == 1
+    assert concurrent_batches(cfg("infer.cpus_per_actor=2", "infer.concurrent_batches=1").infer) == 1
+    with pytest.raises(ConfigError, match="infer.concurrent_batches = 0: must be >= 1"):
+        cfg("infer.concurrent_batches=0")
+    h, w = c.encoder.input_size
+    batches = [decode_rows({"key": np.asarray([f"{b}-{i}" for i in range(4)], object),
+                            "source": np.asarray(["x"] * 4, object),
+                            "image": np.asarray([png(4 * b + i) for i in range(4)], object)}, (h, w))
+               for b in range(2)]
+    threads = torch.get_num_threads()
+    try:
+        actor = InvertActor(to_dict(c), None, "cpu", False, True)
+        assert torch.get_num_threads() == 1  # 2 CPUs shared by 2 batches
+        spans: list[tuple[float, float]] = []
+        invert = actor.inverter.invert
+
+        def timed(x, *args, **kwargs):
+            start = time.perf_counter()
+            result = invert(x, *args, **kwargs)
+            spans.append((start, time.perf_counter()))
+            return result
+
+        actor.inverter.invert = timed
+        results: list = [None, None]
+        barrier = threading.Barrier(2)
+
+        def call(i: int) -> None:
+            barrier.wait()
+            results[i] = actor(batches[i])
+
+        workers = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        (a0, a1), (b0, b1) = spans
+        assert a0 < b1 and b0 < a1  # the two model calls overlapped in time
+        assert sum(bool(r["t_load"].any()) for r in results) == 1  # the model's load is reported once
+        for i in range(2):  # each batch's latents are the ones a call on its own gives
+            alone = actor(batches[i])
+            np.testing.assert_array_equal(results[i]["w_plus"], alone["w_plus"])
+            np.testing.assert_array_equal(results[i]["key"], batches[i]["key"])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_concurrent_batches_give_the_same_table(ray_cluster, tmp_path):
+    """A job whose one actor runs two batches at once writes the latents one batch at a time gives."""
+    image_folder(tmp_path / "in", 24, corrupt={5})
+    tables = {}
+    for k in (1, 2):
+        out = str(tmp_path / f"out{k}")
+        c = cfg("infer.cpus_per_actor=1", f"infer.concurrent_batches={k}")
+        summary = invert_to_table(c, [str(tmp_path / "in")], out)
+        assert (summary["written"], summary["errors"]) == (23, 1)
+        tables[k] = read_output_table(out, c).sort_by("key")
+    assert tables[1].column("key").to_pylist() == tables[2].column("key").to_pylist()
+    for name in ("w", "w_plus"):
+        a, b = (np.stack(t.column(name).to_numpy(zero_copy_only=False)) for t in tables.values())
+        np.testing.assert_allclose(a, b, atol=1e-5)
