@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import reference_generator  # noqa: E402
 
 from bench.report import emit  # noqa: E402
-from clcae.device import autocast_context  # noqa: E402
+from clcae.device import autocast_context, keep_freed_memory  # noqa: E402
 from clcae.models.stylegan2 import Generator  # noqa: E402
 
 MODES = ("reference", "fp32", "bf16", "fp16", "compiled")
@@ -219,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         machine["cpu_model"] = names[0]
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
+    else:  # as the platform's CPU processes run (the Inverter and training call it); CLCAE_KEEP_FREED_MEMORY=0: off
+        machine["malloc_keeps_freed_memory"] = keep_freed_memory()
     report: dict[str, Any] = {"benchmark": "bench/generator.py", "machine": machine, "threads": args.threads,
                               "clock": clock_name, "rounds": args.rounds, "peak_n": args.peak_n,
                               "modes": list(args.modes), "weights": "random (seed 0), constant noise",

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clcae.config import load_config  # noqa: E402
+from clcae.device import keep_freed_memory  # noqa: E402
 from clcae.factory import build_aligner, build_clcae  # noqa: E402
 from clcae.models.clcae import CLCAE, Rendered  # noqa: E402
 from clcae.models.stylegan2 import blend_feature  # noqa: E402
@@ -212,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "bench/train_step.py", "device": str(device), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+    if device.type == "cpu":  # as training on CPU runs (clcae.train.loop); CLCAE_KEEP_FREED_MEMORY=0: off
+        report["malloc_keeps_freed_memory"] = keep_freed_memory()
     if args.variants:
         report["results"] = [compare_variants(c, args.batch, args.steps, args.variants, device) for c in args.cases]
     else:

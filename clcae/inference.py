@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from clcae import pretrained
 from clcae.config import CLCAEConfig
 from clcae.data.images import InputError, decode_image, pil_to_tensor
-from clcae.device import DTYPES, autocast_context, pick_device
+from clcae.device import DTYPES, autocast_context, keep_freed_memory, pick_device
 from clcae.editing import DirectionRegistry, EditError, Edits
 from clcae.factory import build_clcae, build_directions
 from clcae.models.clcae import CLCAE
@@ -67,6 +67,8 @@ class Inverter:
     def __init__(self, model: CLCAE, directions: DirectionRegistry | None = None, device: str = "auto",
                  model_id: str = "unnamed", precision: str = "fp32", compile: bool = False):
         self.device = pick_device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.model = model.to(self.device).eval().channels_last()
         self.model.requires_grad_(False)
         autocast_context(precision, self.device)  # refuse an unknown mode here, not on the first request

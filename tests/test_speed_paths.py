@@ -193,3 +193,36 @@ def test_training_steps_run_under_each_precision(precision):
     cstep = ContrastiveStep(cfg, build_aligner(cfg, model.x_avg, model.latent_avg))
     out = cstep(x, torch.randn(2, cfg.generator.style_dim), 1)
     assert torch.isfinite(torch.tensor(out["loss"]))
+
+
+FAULTS_PROBE = """
+import resource, sys, torch
+from clcae.device import keep_freed_memory
+tuned = keep_freed_memory()
+faults = []
+for _ in range(6):  # what a model call does with a large activation: allocate, write, free
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(16 * 2**20)  # 64 MiB, over glibc's largest mmap threshold (32 MiB)
+    del x
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(tuned, sum(faults[2:]))  # the steady state, after the heap has settled
+"""
+
+
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_freed_model_memory_is_reused_without_page_faults(setting):
+    """keep_freed_memory (the Inverter and CPU training call it): after the first call, a large block costs no
+    page faults; with CLCAE_KEEP_FREED_MEMORY=0 every 64 MiB block faults in its 16k pages again."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CLCAE_KEEP_FREED_MEMORY": setting, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", FAULTS_PROBE], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    tuned, faults = out[0] == "True", int(out[1])
+    pages = 4 * 16 * 2**20 * 4 // 4096
+    if setting == "1":
+        assert tuned and faults < pages // 20, faults
+    else:
+        assert not tuned and faults > pages // 2, faults

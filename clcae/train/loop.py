@@ -35,6 +35,7 @@ from clcae.config import CLCAEConfig, from_dict, to_dict, validate
 from clcae.data.images import image_grid, tensor_to_pil, uint8_to_unit
 from clcae.data.shards import decode_batch, open_shards, validate_shards
 from clcae.data.storage import check_access, filesystem, pyarrow_filesystem
+from clcae.device import keep_freed_memory
 from clcae.factory import build_aligner, build_clcae, build_generator
 from clcae.pretrained import load, prepare
 from clcae.train.events import EventLog
@@ -284,6 +285,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(cfg.seed + rank)  # this rank's own stream (hflip, dropout); building leaves it alone
 
     ckpt = ray.train.get_checkpoint()
