@@ -1,5 +1,6 @@
-"""Peak memory of a process tree, for the benchmarks and the object-store test: proportional set size (PSS), so
-pages shared between processes (Ray's object store, torch's libraries) count once, read from /proc (Linux)."""
+"""Peak memory and CPU time of a process tree, for the benchmarks and the object-store test, read from /proc
+(Linux). Memory is the proportional set size (PSS), so pages shared between processes (Ray's object store, torch's
+libraries) count once."""
 
 from __future__ import annotations
 
@@ -42,6 +43,28 @@ def pss_bytes(pids: list[int]) -> int:
         except OSError:
             continue
     return total
+
+
+def cpu_seconds_by_process(pid: int | None = None) -> dict[str, float]:
+    """User + system CPU seconds of ``pid`` (default: this process) and every process below it, summed by process
+    title: Ray names its workers (``ray::ServeReplica:app:Deployment``, ``ray::ProxyActor``, ``ray::IDLE``), so
+    two snapshots tell which role spent the CPU in between."""
+    root = os.getpid() if pid is None else pid
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for p in [root, *descendants(root)]:
+        try:
+            with open(f"/proc/{p}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{p}/cmdline", "rb") as fh:
+                argv = fh.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        words = [os.path.basename(a.decode(errors="replace").strip()) for a in argv if a.strip()] or ["?"]
+        # a Python helper (Ray's dashboard agent, log monitor) is named by its script
+        title = "this process" if p == root else words[1] if words[0].startswith("python") and len(words) > 1 \
+            else words[0]
+        out[title] = out.get(title, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 class PeakMemory:

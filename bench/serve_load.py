@@ -48,6 +48,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.memory import cpu_seconds_by_process  # noqa: E402
 from clcae.cli_args import config_file, default_config, parse_with_overrides  # noqa: E402
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -265,7 +266,8 @@ def run_rounds(configs: dict[str, Any], args: argparse.Namespace, image: bytes) 
     path = "/v1/edit?format=png" if args.endpoint == "edit" else "/v1/invert?format=png"
     key = next(iter(configs.values())).serve.api_key or os.environ.get("CLCAE_API_KEY")
     reqs = {name: Request(f"http://{HOST}:{port}/{name}{path}", image, args.endpoint, key) for name in configs}
-    out: dict[str, Any] = {name: {"warmup": None, "rounds": [], "_stages": []} for name in configs}
+    out: dict[str, Any] = {name: {"warmup": None, "rounds": [], "_stages": [], "_cpu": {}, "_ok": 0}
+                           for name in configs}
     for name, req in reqs.items():  # untimed: the first model calls are slow (allocations, lazy init)
         if args.warmup:
             warm = asyncio.run(load(req, args.warmup, min(args.warmup, args.concurrency), args.max_seconds))
@@ -274,8 +276,12 @@ def run_rounds(configs: dict[str, Any], args: argparse.Namespace, image: bytes) 
     for r in range(args.rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             print(f"[serve_load] round {r + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
-            before = loadavg()
+            before, cpu = loadavg(), cpu_seconds_by_process()
             result = asyncio.run(load(reqs[name], args.requests, args.concurrency, args.max_seconds))
+            spent = cpu_seconds_by_process()
+            for title, seconds in spent.items():
+                out[name]["_cpu"][title] = out[name]["_cpu"].get(title, 0.0) + seconds - cpu.get(title, 0.0)
+            out[name]["_ok"] += result["ok"]
             out[name]["_stages"] += result.pop("_stages")
             out[name]["rounds"].append({"round": r + 1, **result, "load_average_before": before,
                                         "load_average_after": loadavg()})
@@ -291,8 +297,18 @@ def summarise(setting: dict[str, Any]) -> dict[str, Any]:
         "p50_ms": spread([r["latency_ms"]["p50"] for r in rounds], 1),
         "p99_ms": spread([r["latency_ms"]["p99"] for r in rounds], 1),
         "breakdown": breakdown(setting.pop("_stages")),
+        "cpu_ms_per_request": cpu_per_request(setting.pop("_cpu"), setting.pop("_ok")),
         **setting,
     }
+
+
+def cpu_per_request(cpu: dict[str, float], ok: int) -> dict[str, float]:
+    """CPU milliseconds per successful request, by process (Serve's proxy, the ingress and model replicas, the
+    load client = this process, Ray's own daemons), over the timed loads; both applications' replicas run all
+    along, so the idle one's polling shows too."""
+    per = {title: round(1000 * seconds / max(ok, 1), 2) for title, seconds in cpu.items() if seconds > 0.005}
+    per = dict(sorted(per.items(), key=lambda kv: -kv[1]))
+    return {"total": round(sum(per.values()), 2), **per}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -149,3 +149,25 @@ def test_batch_bench_reports_per_round_ratios_as_median_and_spread():
     assert out["marginal_images_per_s"]["plain"]["rounds"] == [10.0, 11.11, 9.09]
     assert out["cases"]["ray_1a"]["stages"] == {"invert_s": 5.0}  # a stage some round lacks is left out
     assert out["cases"]["plain"]["seconds"]["median"] == 11.0
+
+
+def test_cpu_seconds_are_attributed_to_the_process_that_spent_them(tmp_path):
+    """bench/serve_load.py's per-process CPU profile: a child that burns CPU shows under its own name, and a
+    snapshot is cumulative (the later one is not smaller)."""
+    import subprocess
+    import time
+
+    memory = load_bench("memory")
+    script = tmp_path / "burn_cpu.py"
+    script.write_text("import sys, time\nend = time.process_time() + 0.4\nwhile time.process_time() < end:\n"
+                      "    pass\nprint('done', flush=True)\nsys.stdin.read()\n")
+    child = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline().strip() == "done"
+        spent = memory.cpu_seconds_by_process()
+        assert spent["burn_cpu.py"] >= 0.35
+        time.sleep(0.05)
+        assert memory.cpu_seconds_by_process()["this process"] >= spent["this process"]
+    finally:
+        child.communicate("")
