@@ -255,12 +255,13 @@ class InvertModel:
                                                initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def invert_batch(self, images: list[np.ndarray], edits: list[list[tuple[str, float]] | None]
-                           ) -> list[dict[str, Any]]:
+    async def invert_batch(self, images: list[np.ndarray], edits: list[list[tuple[str, float]] | None],
+                           latents: list[bool]) -> list[dict[str, Any]]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.model_thread, self._run, images, edits)
+        return await loop.run_in_executor(self.model_thread, self._run, images, edits, latents)
 
-    def _run(self, images: list[np.ndarray], edits: list[list[tuple[str, float]] | None]) -> list[dict[str, Any]]:
+    def _run(self, images: list[np.ndarray], edits: list[list[tuple[str, float]] | None],
+             with_latents: list[bool]) -> list[dict[str, Any]]:
 
         start = time.perf_counter()
         x = uint8_to_unit(np.stack(images), self.inverter.device)
@@ -273,15 +274,18 @@ class InvertModel:
         meta = {"batch_size": len(images), "model_id": self.inverter.model_id}
         out = []
         for i, e in enumerate(edits):
-            if e is None:
-                out.append({**{k: v[i] for k, v in latents.items()}, "image": recon[i], "psnr": scores[i], **meta})
+            if e is None:  # the latents only when the answer carries them (JSON): a 1024 model's f is 512 KB
+                mine = {k: v[i] for k, v in latents.items()} if with_latents[i] else {}
+                out.append({**mine, "image": recon[i], "psnr": scores[i], **meta})
             else:  # an uploaded image's edit: the edited image and the reconstruction, no latents
                 out.append({"image": next(edited_u8), "reconstruction": recon[i], **meta})
         return _timed(out, start, done)
 
-    async def __call__(self, image: np.ndarray, edits: list[tuple[str, float]] | None = None) -> dict[str, Any]:
+    async def __call__(self, image: np.ndarray, edits: list[tuple[str, float]] | None = None,
+                       latents: bool = True) -> dict[str, Any]:
+        """``latents=False``: the answer has the image, PSNR and batch facts but not w, w+, deltas and f."""
         entered = time.perf_counter()
-        return _queued(await self.invert_batch(image, edits), entered)
+        return _queued(await self.invert_batch(image, edits, latents), entered)
 
     def check_health(self) -> None:
         if self.inverter is None:
@@ -600,7 +604,7 @@ class Api:
             aligned = await self._offload(self._align, data, name, index) if aligning else None
             pixels = aligned.pixels if aligned else await self._offload(self._decode, data, name)
             st.lap("align" if aligned else "decode")
-            res = await self._call(self.inverter, pixels)
+            res = await self._call(self.inverter, pixels, None, format == "json")  # PNG: no latents back
             st.call(res.get("timing"))
             if format == "png" and aligned:
                 whole = await self._offload(self._paste, aligned, res["image"], photo_fmt)

@@ -462,3 +462,25 @@ def test_app_user_errors_are_one_message_not_a_traceback(args, words):
     out = _app(*args)
     assert out.returncode != 0
     assert "Traceback" not in out.stderr and words in out.stderr, out.stderr[-2000:]
+
+
+def test_a_png_inversion_does_not_ship_the_latents_back(server, served_config):
+    """The model replica returns w, w+, deltas and f only for answers that carry them (JSON): a PNG answer would
+    drop them at the ingress after they crossed the wire (a 1024 model's f alone is 512 KB a request). One batch
+    may mix both kinds; what the PNG caller gets is unchanged."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("InvertModel", app_name="clcae")
+    h, w = served_config.encoder.input_size
+    image = np.asarray(Image.open(io.BytesIO(noise_image(size=(w, h), seed=3))).convert("RGB"))
+    with_latents, without = handle.remote(image, None, True), handle.remote(image, None, False)
+    with_latents, without = with_latents.result(timeout_s=60), without.result(timeout_s=60)
+    latents = {"w", "w_plus", "deltas", "f"}
+    assert latents <= set(with_latents) and not latents & set(without)
+    np.testing.assert_array_equal(with_latents["image"], without["image"])
+    assert with_latents["psnr"] == without["psnr"]
+    png = httpx.post(f"{server}/v1/invert?format=png", content=noise_image(size=(w, h), seed=3), timeout=60)
+    assert png.status_code == 200
+    # the same image in a batch of its own: equal to within one uint8 level (batch size changes the summation)
+    got = np.asarray(Image.open(io.BytesIO(png.content))).astype(int)
+    assert np.abs(got - without["image"].astype(int)).max() <= 1
