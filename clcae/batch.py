@@ -40,7 +40,7 @@ from fsspec.core import split_protocol
 
 # torch, the model and the aligner are imported inside the functions that run in the inversion actors: the
 # read/decode tasks import this module too, and must start without torch (seconds per worker process).
-from clcae.config import CLCAEConfig, StorageConfig, from_dict, n_latent, to_dict
+from clcae.config import CLCAEConfig, InferConfig, StorageConfig, from_dict, n_latent, to_dict
 from clcae.data import storage as st
 from clcae.data.images import (
     IMAGE_SUFFIXES,
@@ -459,7 +459,7 @@ def align_rows(batch: dict[str, np.ndarray], domain: str, size: tuple[int, int],
     return out
 
 
-def concurrent_batches(infer) -> int:
+def concurrent_batches(infer: InferConfig) -> int:
     """Batches an inversion actor runs at once (``infer.concurrent_batches``; null: one per whole CPU of a CPU
     actor, one on a GPU)."""
     if infer.concurrent_batches is not None:
@@ -767,7 +767,7 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: A
     else:
         ds = ds.map_batches(decode_rows, fn_kwargs={"size": size, "skip": plan.partial or None},
                             batch_size=i.batch_size, **cpu_stage)
-    use_gpu = i.use_gpu
+    use_gpu, concurrent = i.use_gpu, concurrent_batches(i)
     job_cfg = to_dict(cfg)
     if not edits:
         job_cfg["directions"] = {}  # inverting needs no direction files
@@ -777,8 +777,8 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: A
                                             "psnr": i.psnr, "faults": faults, "edits": edits,
                                             "edited_uri": st.join(out_uri, "edited")},
         batch_size=i.batch_size, batch_format="numpy", num_gpus=1 if use_gpu else 0, num_cpus=i.cpus_per_actor,
-        compute=ray.data.ActorPoolStrategy(size=i.actors, max_concurrent_calls_per_actor=concurrent_batches(i),
-                                           enable_true_multi_threading=concurrent_batches(i) > 1))
+        compute=ray.data.ActorPoolStrategy(size=i.actors, max_concurrent_calls_per_actor=concurrent,
+                                           enable_true_multi_threading=concurrent > 1))
     from clcae.factory import latent_shapes  # the driver has torch already; decode tasks must not import it
 
     g = cfg.generator

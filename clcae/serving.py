@@ -270,7 +270,8 @@ class InvertModel:
         recon = unit_to_uint8(res.image.cpu())
         edited_u8 = iter(unit_to_uint8(edited.cpu()) if edited is not None else ())
         scores = psnr(res.image.float().cpu().clamp(-1, 1), x.cpu()).tolist()
-        latents = {k: getattr(res, k).cpu().numpy() for k in ("w", "w_plus", "deltas", "f")}
+        wanted = any(e is None and want for e, want in zip(edits, with_latents))  # else no device-to-host copies
+        latents = {k: getattr(res, k).cpu().numpy() for k in ("w", "w_plus", "deltas", "f")} if wanted else {}
         meta = {"batch_size": len(images), "model_id": self.inverter.model_id}
         out = []
         for i, e in enumerate(edits):
