@@ -45,10 +45,12 @@ def pss_bytes(pids: list[int]) -> int:
     return total
 
 
-def cpu_seconds_by_process(pid: int | None = None) -> dict[str, float]:
-    """User + system CPU seconds of ``pid`` (default: this process) and every process below it, summed by process
-    title: Ray names its workers (``ray::ServeReplica:app:Deployment``, ``ray::ProxyActor``, ``ray::IDLE``), so
-    two snapshots tell which role spent the CPU in between."""
+def cpu_snapshot(pid: int | None = None) -> dict[int, tuple[str, float]]:
+    """pid -> (title, user + system CPU seconds so far) for ``pid`` (default: this process) and every process below
+    it.  Ray names its workers (``ray::ServeReplica:app:Deployment``, ``ray::ProxyActor``, ``ray::IDLE``) and renames
+    them while they run a method (``ray::ServeController.listen_for_change``), so two snapshots are compared per pid
+    (:func:`cpu_spent`), never per title: a title that appears between them would otherwise be charged the process's
+    whole lifetime."""
     root = os.getpid() if pid is None else pid
     tick, out = os.sysconf("SC_CLK_TCK"), {}
     for p in [root, *descendants(root)]:
@@ -63,7 +65,23 @@ def cpu_seconds_by_process(pid: int | None = None) -> dict[str, float]:
         # a Python helper (Ray's dashboard agent, log monitor) is named by its script
         title = "this process" if p == root else words[1] if words[0].startswith("python") and len(words) > 1 \
             else words[0]
-        out[title] = out.get(title, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        out[p] = (title, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def process_role(title: str) -> str:
+    """A Ray worker's role without the method it happens to run: ``ray::ServeController.listen_for_change`` ->
+    ``ray::ServeController``."""
+    return title.split(".", 1)[0] if title.startswith("ray::") else title
+
+
+def cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each role spent between two :func:`cpu_snapshot` calls: per pid (a process started in between
+    counts from zero; one that ended in between is lost), summed by :func:`process_role` of its later title."""
+    out: dict[str, float] = {}
+    for p, (title, seconds) in after.items():
+        role = process_role(title)
+        out[role] = out.get(role, 0.0) + seconds - before.get(p, (title, 0.0))[1]
     return out
 
 

@@ -48,7 +48,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.memory import cpu_seconds_by_process  # noqa: E402
+from bench.memory import cpu_snapshot, cpu_spent  # noqa: E402
 from clcae.cli_args import config_file, default_config, parse_with_overrides  # noqa: E402
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -276,11 +276,10 @@ def run_rounds(configs: dict[str, Any], args: argparse.Namespace, image: bytes) 
     for r in range(args.rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             print(f"[serve_load] round {r + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
-            before, cpu = loadavg(), cpu_seconds_by_process()
+            before, cpu = loadavg(), cpu_snapshot()
             result = asyncio.run(load(reqs[name], args.requests, args.concurrency, args.max_seconds))
-            spent = cpu_seconds_by_process()
-            for title, seconds in spent.items():
-                out[name]["_cpu"][title] = out[name]["_cpu"].get(title, 0.0) + seconds - cpu.get(title, 0.0)
+            for role, seconds in cpu_spent(cpu, cpu_snapshot()).items():
+                out[name]["_cpu"][role] = out[name]["_cpu"].get(role, 0.0) + seconds
             out[name]["_ok"] += result["ok"]
             out[name]["_stages"] += result.pop("_stages")
             out[name]["rounds"].append({"round": r + 1, **result, "load_average_before": before,
