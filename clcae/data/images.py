@@ -140,9 +140,16 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in unit_to_uint8(images)]
 
 
-def encode_png(image: Image.Image) -> bytes:
+# zlib level 1 for a reply that is sent once and not kept: measured (PIL, this 2-core host) 2.3x faster than the
+# default 6 at 128 px (1.2 vs 2.7 ms) and 3.7x at 1024 (49 vs 183 ms), for 4% / 24% more bytes.  Stored images
+# (shards, a job's edited PNGs) keep the default: they are written once and read many times.
+FAST_PNG_LEVEL = 1
+
+
+def encode_png(image: Image.Image, compress_level: int = 6) -> bytes:
+    """PNG bytes (lossless at every level; ``compress_level`` trades CPU for size: see FAST_PNG_LEVEL)."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 
