@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-from bench.memory import PeakMemory  # noqa: E402
+from bench.memory import PeakMemory, cpu_snapshot, cpu_spent  # noqa: E402
 from bench.report import emit  # noqa: E402
 from clcae.cli_args import config_file, default_config, parse_with_overrides  # noqa: E402
 from clcae.config import load_config  # noqa: E402
@@ -97,11 +97,17 @@ def ray_job(cfg, folder: Path, out: Path) -> dict:
     from clcae.batch import invert_to_table
 
     shutil.rmtree(out, ignore_errors=True)
-    cpu = time.process_time()
+    cpu, by_process = time.process_time(), cpu_snapshot()
     summary = invert_to_table(cfg, [str(folder)], str(out))
+    spent = cpu_spent(by_process, cpu_snapshot())
     assert summary["written"] + summary["errors"] == summary["inputs"], summary  # exact accounting
     result = {k: summary[k] for k in ("inputs", "written", "errors", "seconds", "images_per_s", "stages")}
     result["stages"]["driver_cpu_s"] = round(time.process_time() - cpu, 2)  # this process: Ray Data's executor
+    # every process of the session (the driver, Ray's daemons, the actors and tasks), by role: with the cores'
+    # capacity (seconds x cpus) it says how much of the machine the job left idle
+    result["cpu_s_by_process"] = {k: round(v, 2) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])
+                                  if v >= 0.05}
+    result["cpu_s"] = round(sum(spent.values()), 2)
     return result
 
 
@@ -130,6 +136,12 @@ def summarise(runs: dict[str, list[dict]], actors: list[int], images: int) -> di
         if "stages" in results[0]:
             case["stages"] = {k: round(statistics.median(r["stages"][k] for r in results), 2)
                               for k in results[0]["stages"] if all(r["stages"][k] is not None for r in results)}
+        if "cpu_s_by_process" in results[0]:
+            roles = {k for r in results for k in r["cpu_s_by_process"]}
+            case["cpu_s"] = round(statistics.median(r["cpu_s"] for r in results), 2)
+            case["cpu_s_by_process"] = dict(sorted(
+                ((k, round(statistics.median(r["cpu_s_by_process"].get(k, 0.0) for r in results), 2)) for k in roles),
+                key=lambda kv: -kv[1]))
         cases[name] = case
     plain, plain2 = ([r["seconds"] for r in runs[n]] for n in ("plain", "plain_2x"))
     ratios, marginal = {}, {"plain": spread([margin(images, a, b) for a, b in zip(plain, plain2)], 2)}
