@@ -150,7 +150,16 @@ class ModulatedConv2d(nn.Module):
             self.blur = Blur(blur_kernel, pad=((p + 1) // 2 + factor - 1, p // 2 + 1), upsample_factor=factor)
         self.scale = 1.0 / math.sqrt(in_channel * kernel_size ** 2)
         self.padding = kernel_size // 2
-        self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
+        # Stored in the channels-last layout its convolution takes (for the transposed one: of the (C_in, C_out,
+        # k, k) transpose), as the activations are: oneDNN otherwise copies the whole weight into it on every call
+        # (9.4 MB per 512-channel layer).  Values, keys and shapes are rosinality's; load_state_dict copies into
+        # this layout.
+        weight = torch.randn(out_channel, in_channel, kernel_size, kernel_size)
+        if upsample:
+            weight = weight.transpose(0, 1).contiguous(memory_format=torch.channels_last).transpose(0, 1)
+        else:
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        self.weight = nn.Parameter(weight.unsqueeze(0))
         self.modulation = EqualLinear(style_dim, in_channel, bias_init=1.0)
 
     def styles(self, style: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
