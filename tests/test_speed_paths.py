@@ -105,6 +105,21 @@ def test_generator_under_autocast_keeps_sensitive_parts_in_float32(generator):
     assert 10 * torch.log10(4 / mse) > 30  # dB over the [-1, 1] range; measured figures in bench/results
 
 
+def test_bf16_at_batch_1_rounds_the_style_once_in_every_layer():
+    """At batch 1 under bf16 autocast the style and demodulation are folded into the weight in float32 in every
+    layer, so they are rounded once, with the weight.  The fp32 path scales the activations instead in the
+    512-channel layers at 4-64 px (cheaper there); doing that in bf16 too measured 40.4 dB against fp32 here, the
+    fold 45.8 dB."""
+    torch.manual_seed(0)
+    g = Generator(256).eval()
+    w = 0.5 * torch.randn(1, g.n_latent, 512)
+    with torch.inference_mode():
+        exact = g.synthesis(w)
+        with autocast_context("bf16", "cpu"):
+            low = g.synthesis(w).float()
+    assert 10 * torch.log10(4 / (low - exact).square().mean()) > 43
+
+
 # ------------------------------------------------------------------------------------------ the knobs
 def tiny_cfg(*overrides: str):
     return load_config(ROOT / "configs" / "tiny.yaml", list(overrides))
