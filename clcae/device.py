@@ -51,10 +51,10 @@ def keep_freed_memory() -> bool:
         if os.environ.get(ALLOCATOR_ENV, "1") != "0" and platform.libc_ver()[0] == "glibc":
             try:
                 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                # no mmap'ed blocks: large ones come from the heap; and free memory at the heap's top stays
-                # (up to 2 GiB, mallopt's int limit) instead of being trimmed after every call
-                _allocator_tuned = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
-                    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+                # no mmap'ed blocks: large ones come from the heap; and free memory at the heap's top is never
+                # trimmed (-1, mallopt(3)).  A 2 GiB threshold (mallopt's int limit) was not enough: a batch-8 1024
+                # pass frees more than that at once and re-faulted 656k pages (2.5 GiB) on every call.
+                _allocator_tuned = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
             except (OSError, AttributeError) as exc:
                 log.debug("malloc tuning unavailable: %s", exc)
     return _allocator_tuned
