@@ -7,7 +7,8 @@ FLOP floor, timed interleaved in one process.
 
 Cases (``--modes``): ``reference`` (``bench/reference_generator.py``: contiguous NCHW, out-of-place element-wise
 steps, the code before the speed work), ``fp32`` (today's exact path), ``bf16`` and ``fp16`` (today's path under
-``torch.autocast``, as ``infer.precision`` runs it), ``compiled`` (``torch.compile`` of today's fp32 path).
+``torch.autocast``, as ``infer.precision`` runs it), ``compiled`` (``torch.compile`` of today's fp32 path),
+``compiled_bf16`` (the compiled path under bf16 autocast).
 
 Why interleaved ratios: the machine these figures come from is shared and loaded, so absolute times drift by
 2-10x within minutes.  Every round runs each case once in a rotating order and then measures the matmul peak
@@ -45,7 +46,7 @@ from bench.report import emit  # noqa: E402
 from clcae.device import autocast_context, keep_freed_memory  # noqa: E402
 from clcae.models.stylegan2 import Generator  # noqa: E402
 
-MODES = ("reference", "fp32", "bf16", "fp16", "compiled")
+MODES = ("reference", "fp32", "bf16", "fp16", "compiled", "compiled_bf16")
 
 
 def clock_for(threads: int, device: torch.device) -> tuple[str, Callable[[], float]]:
@@ -84,6 +85,13 @@ def make_cases(g: Generator, modes: Sequence[str], batch: int, device: torch.dev
         elif mode == "compiled":
             compiled = torch.compile(g.synthesis, dynamic=False)
             cases[mode] = lambda c=compiled: c(w)
+        elif mode == "compiled_bf16":  # infer.compile=true with infer.precision=bf16: the epilogues fused
+            compiled_bf16 = torch.compile(g.synthesis, dynamic=False)
+
+            def run_compiled(c: Callable[[torch.Tensor], torch.Tensor] = compiled_bf16) -> torch.Tensor:
+                with autocast_context("bf16", device):
+                    return c(w)
+            cases[mode] = run_compiled
         else:
             def run(m: str = mode) -> torch.Tensor:
                 with autocast_context(m, device):
