@@ -82,21 +82,16 @@ def make_cases(g: Generator, modes: Sequence[str], batch: int, device: torch.dev
     for mode in modes:
         if mode == "reference":
             cases[mode] = lambda: reference_generator.synthesis(g, w)
-        elif mode == "compiled":
-            compiled = torch.compile(g.synthesis, dynamic=False)
-            cases[mode] = lambda c=compiled: c(w)
-        elif mode == "compiled_bf16":  # infer.compile=true with infer.precision=bf16: the epilogues fused
-            compiled_bf16 = torch.compile(g.synthesis, dynamic=False)
+            continue
+        # "compiled" = infer.compile=true, "compiled_bf16" adds infer.precision=bf16 (the epilogues fused)
+        compiled = mode.startswith("compiled")
+        precision = mode.removeprefix("compiled").lstrip("_") or "fp32"
+        synthesis = torch.compile(g.synthesis, dynamic=False) if compiled else g.synthesis
 
-            def run_compiled(c: Callable[[torch.Tensor], torch.Tensor] = compiled_bf16) -> torch.Tensor:
-                with autocast_context("bf16", device):
-                    return c(w)
-            cases[mode] = run_compiled
-        else:
-            def run(m: str = mode) -> torch.Tensor:
-                with autocast_context(m, device):
-                    return g.synthesis(w)
-            cases[mode] = run
+        def run(s: Callable[[torch.Tensor], torch.Tensor] = synthesis, p: str = precision) -> torch.Tensor:
+            with autocast_context(p, device):
+                return s(w)
+        cases[mode] = run
     return cases
 
 
