@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -182,3 +184,41 @@ def test_cpu_seconds_are_attributed_to_the_process_that_spent_them(tmp_path):
         assert spent["this process"] >= 0.0
     finally:
         child.communicate("\n")
+
+
+def gpu_script_steps(mode: str) -> list[tuple[str, list[str]]]:
+    """(bench script, its argv) for every step of bench/gpu.sh's GPU run (``mode="gpu"``) or ``--smoke`` run, as
+    bash would expand them (continuation lines joined, $OUT and the RANDOM_WEIGHTS array filled in)."""
+    text = (ROOT / "bench" / "gpu.sh").read_text().replace("\\\n", " ")
+    weights = shlex.split(re.search(r"^RANDOM_WEIGHTS=\((.*)\)$", text, re.M).group(1))
+    smoke, gpu = text.split("if [[ $SMOKE == 1 ]]; then", 1)[1].split("\nelse\n", 1)
+    body = smoke if mode == "smoke" else gpu.split("\nfi\n", 1)[0]
+    steps = []
+    for line in body.splitlines():
+        words = shlex.split(line.strip(), comments=True)
+        if words[:1] != ["step"]:
+            continue
+        assert words[3] == "$PY", line
+        argv = []
+        for w in words[5:]:
+            argv += weights if w == "${RANDOM_WEIGHTS[@]}" else [w.replace("$OUT", "/nonexistent/out")]
+        steps.append((Path(words[4]).stem, argv))
+    return steps
+
+
+@pytest.mark.parametrize("mode", ["gpu", "smoke"])
+def test_every_gpu_script_step_parses_and_its_config_loads(mode):
+    """The GPU run has only been rehearsed (--smoke) on CPU: a flag or config-key typo in its own lines would only
+    show on a lent GPU, whose minutes are few.  Every step's arguments go through its script's own parser, and the
+    config with its overrides through load_config, which rejects unknown keys."""
+    steps = gpu_script_steps(mode)
+    expected = ["generator", "inference", "train_step", "batch", "serve_load"]
+    assert sorted({name for name, _ in steps}) == sorted(expected)
+    for name, argv in steps:
+        args = load_bench(name).parse_args(argv)
+        if mode == "gpu" and "--device" in argv:
+            assert args.device == "cuda", (name, argv)
+        if hasattr(args, "overrides"):
+            cfg = load_config(args.config, list(args.overrides))
+            if mode == "gpu":  # paper sizes, random weights at the official shapes: nothing to download
+                assert cfg.generator.size == 1024 and cfg.generator.checkpoint is None, name
