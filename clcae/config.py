@@ -331,7 +331,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         for raw, source in _load_yaml_chain(find_config(path), ()):
             conf = _merge(conf, raw, source)
     for item in overrides:
-        conf = _merge(conf, _parse_override(item), f"override {item!r}")
+        conf = _merge(conf, _parse_override(item), f"override {item!r}", override=True)
     return _finish(conf, "config")
 
 
@@ -670,13 +670,49 @@ def _parse_override(item: str) -> DictConfig:
         raise ConfigError(f"override {item!r}: cannot parse the value: {e}") from None
 
 
-def _merge(conf: DictConfig, raw: DictConfig, source: str) -> DictConfig:
+def _merge(conf: DictConfig, raw: DictConfig, source: str, override: bool = False) -> DictConfig:
     plain = OmegaConf.to_container(raw, resolve=False)
     _check_keys(plain, CLCAEConfig, "", source)
     try:
+        conf = _remove_entries(conf, plain, CLCAEConfig, "", source, override)
         return OmegaConf.merge(conf, _drop_empty_sections(plain, CLCAEConfig))
     except OmegaConfBaseException as e:
         raise _from_omegaconf(e, source) from None
+
+
+def _remove_entries(conf: DictConfig, node: dict, tp: Any, prefix: str, source: str, override: bool
+                    ) -> DictConfig:
+    """A merge only adds to a mapping of named entries (``directions``, ``train.resources_per_worker``); these
+    take entries away instead: ``directions={}`` (or, on the command line, ``directions=null``) empties it,
+    ``directions.smile=null`` leaves one out.  ``conf`` (the merge's own state) is changed in place and
+    returned; ``node`` keeps only what is left to merge.  (A bare ``directions:`` header in a YAML file, its
+    entries commented out, still changes nothing.)"""
+    for key, hint in typing.get_type_hints(tp).items():
+        if key not in node:
+            continue
+        value, full = node[key], f"{prefix}{key}"
+        if dataclasses.is_dataclass(hint):
+            if value is None and override:
+                raise ConfigError(f"{full} = null ({source}): {full} is a section of settings, not a value; "
+                                  f"set its keys instead (e.g. {_leaf_keys(hint, full + '.')[0]}=...)", [full])
+            if isinstance(value, dict):
+                conf = _remove_entries(conf, value, hint, full + ".", source, override)
+            continue
+        if typing.get_origin(hint) is not dict:
+            continue
+        if value == {} or (value is None and override):
+            OmegaConf.update(conf, full, {}, merge=False)
+            node.pop(key)
+        elif isinstance(value, dict) and any(v is None for v in value.values()):
+            entries = OmegaConf.select(conf, full)
+            for name in [n for n, v in value.items() if v is None]:
+                if name not in entries:
+                    have = ", ".join(map(str, entries)) or "none"
+                    raise ConfigError(f"{full}.{name} = null ({source}): there is no {full}.{name} to leave out "
+                                      f"(entries: {have})", [f"{full}.{name}"])
+                del entries[name]
+                value.pop(name)
+    return conf
 
 
 def _finish(conf: DictConfig, source: str) -> CLCAEConfig:

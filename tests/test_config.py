@@ -105,6 +105,41 @@ def test_override_adds_a_direction():
     assert cfg.directions == {"up": DirectionConfig("interfacegan", "s3://bucket/up.pt")}
 
 
+@pytest.mark.parametrize("clear", ["directions={}", "directions=null"])
+def test_override_empties_the_directions(clear):
+    """A machine without the direction files can still serve inversions: before, both overrides were merged into
+    the config's directions and changed nothing, silently."""
+    assert load("ffhq", clear).directions == {}
+    mine = load("ffhq", clear, "directions.up.kind=interfacegan", "directions.up.path=up.pt")
+    assert list(mine.directions) == ["up"]
+
+
+def test_override_leaves_one_direction_out():
+    full = load("ffhq").directions
+    cfg = load("ffhq", "directions.smile=null", "directions.eyes=null")
+    assert "smile" in full and "eyes" in full
+    assert cfg.directions == {k: v for k, v in full.items() if k not in ("smile", "eyes")}
+    assert load("ffhq", "train.resources_per_worker={}").directions == full
+
+
+def test_leaving_out_an_unknown_direction_names_the_ones_there():
+    with pytest.raises(ConfigError, match=r"no directions.smiel to leave out \(entries: smile, age, pose"):
+        load("ffhq", "directions.smiel=null")
+
+
+def test_a_section_of_settings_cannot_be_set_to_null():
+    with pytest.raises(ConfigError, match=r"serve = null .*a section of settings.*set its keys instead"):
+        load("tiny", "serve=null")
+
+
+def test_a_derived_file_can_drop_its_base_directions(tmp_path):
+    (tmp_path / "none.yaml").write_text(f"base: {CONFIGS / 'ffhq.yaml'}\ndirections: {{}}\n")
+    (tmp_path / "some.yaml").write_text(f"base: {CONFIGS / 'ffhq.yaml'}\ndirections:\n  smile: null\n")
+    assert load_config(tmp_path / "none.yaml").directions == {}
+    assert "smile" not in load_config(tmp_path / "some.yaml").directions
+    assert "age" in load_config(tmp_path / "some.yaml").directions
+
+
 def test_later_override_wins():
     assert load("tiny", "seed=1", "seed=2").seed == 2
 
