@@ -466,6 +466,16 @@ def _entry_from_spec(
     return GANSpaceEntry(pcas[path], edit, max_strength, mode)
 
 
+def _named_entry(name: str, spec: Mapping[str, Any], style_dim: int, pcas: dict[str, GANSpacePCA]) -> Entry:
+    try:
+        return _entry_from_spec(name, spec, style_dim, pcas)
+    except MissingDirectionFileError as e:
+        raise MissingDirectionFileError(
+            f"direction '{name}': {e}; get it (`clcae weights list` names the official files), point "
+            f"directions.{name}.path at your copy, or leave it out with the override directions.{name}=null "
+            "(every direction: directions={})") from e
+
+
 class DirectionRegistry:
     """Named edit directions with strength limits; what the inference code and the Serve app expose.
 
@@ -484,9 +494,7 @@ class DirectionRegistry:
     @classmethod
     def from_config(cls, config: Mapping[str, Mapping[str, Any]], style_dim: int = 512) -> DirectionRegistry:
         pcas: dict[str, GANSpacePCA] = {}  # path -> PCA, so entries sharing a file read it once
-        return cls(
-            {str(name): _entry_from_spec(str(name), spec, style_dim, pcas) for name, spec in config.items()}
-        )
+        return cls({str(name): _named_entry(str(name), spec, style_dim, pcas) for name, spec in config.items()})
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -150,6 +150,15 @@ def test_unreadable_and_missing_files(tmp_path):
         load_ganspace(str(tmp_path / "nowhere.pt"), style_dim=D)
 
 
+def test_a_missing_direction_file_says_which_direction_and_how_to_do_without_it(tmp_path):
+    spec = {"kind": "interfacegan", "path": str(tmp_path / "smile.pt"), "max_strength": 3.0}
+    with pytest.raises(FileNotFoundError) as err:
+        DirectionRegistry.from_config({"smile": spec}, style_dim=D)
+    message = str(err.value)
+    assert message.startswith("direction 'smile': direction file not found: ") and "smile.pt" in message
+    assert "directions.smile.path" in message and "directions.smile=null" in message
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
