@@ -700,6 +700,9 @@ def build(cfg: CLCAEConfig, page: str = ""):
         # resolved here, in the driver: a missing file fails before any replica starts, and the replicas get
         # the model's architecture with the serving config's settings and directions
         source, cfg = prepare(cfg.serve.model, cfg)
+    # Every replica loads the directions; a missing or unreadable file is said here, by name and with its fix,
+    # not as Serve's "Deploying application failed" with the cause in a replica's log.
+    build_directions(cfg)
     s = cfg.serve
     config = to_dict(cfg)
     # The API key is decided here, once, in the process that validated the config against it (serve.host), and

@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # before building the model
         raise EditError(f"unknown direction {unknown[0]!r}; known directions: {sorted(cfg.directions)} "
                         "(add it under directions: in the config)")
+    # only the edits' directions are loaded: the config may name files this machine does not have
+    cfg.directions = {name: spec for name, spec in cfg.directions.items() if name in dict(edits)}
     inverter = (Inverter.load(source, cfg, device=args.device) if source is not None
                 else Inverter.from_config(cfg, device=args.device))
     result = evaluate(

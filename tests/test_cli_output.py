@@ -57,6 +57,7 @@ def restore_process_state():
 
 
 # (job, case) -> arguments; "{tmp}" is the test's folder. A missing input / model where the job has one.
+MISSING_DIRECTION = ["directions.up.kind=interfacegan", "directions.up.path={tmp}/nowhere_up.pt"]
 CASES = {
     ("jobs/invert.py", "typo"): ["--input", "{tmp}/in", "--output", "{tmp}/out", TYPO],
     ("jobs/invert.py", "input"): ["--input", "{tmp}/nowhere", "--output", "{tmp}/out"],
@@ -81,9 +82,14 @@ CASES = {
     ("jobs/demo.py", "typo"): ["--out", "{tmp}/demo", TYPO],
     ("serve/app.py", "typo"): [TYPO],
     ("serve/app.py", "model"): ["--model", "{tmp}/nowhere.pt"],
+    ("serve/app.py", "direction"): [*MISSING_DIRECTION],
+    ("jobs/invert.py", "direction"): ["--input", "{tmp}/in", "--output", "{tmp}/out", "--edit", "up=1",
+                                      *MISSING_DIRECTION],  # (without --edit it loads no directions)
+    ("jobs/evaluate.py", "direction"): ["--config", TINY, "--input", "{tmp}/in", "--out", "{tmp}/out",
+                                        "--edit", "up=1", *MISSING_DIRECTION],
 }
 # what the message must name
-EXPECTED = {"typo": "lpipz", "input": "nowhere", "model": "nowhere.pt"}
+EXPECTED = {"typo": "lpipz", "input": "nowhere", "model": "nowhere.pt", "direction": "direction 'up': direction file"}
 
 
 @pytest.mark.parametrize("path,case", list(CASES), ids=[f"{p.split('/')[1][:-3]}-{c}" for p, c in CASES])
@@ -94,7 +100,13 @@ def test_a_users_mistake_is_one_error_line_and_exit_2(path, case, tmp_path, monk
         monkeypatch.setattr(module, "init_ray", lambda *a, **k: None)
     monkeypatch.setattr("clcae.train.runtime.init_ray", lambda *a, **k: None)
     if hasattr(module, "start"):  # serve/app.py: build the application (which resolves the model), serve nothing
-        monkeypatch.setattr(module, "start", lambda cfg, page="": module.build(cfg, page))
+
+        def build_only(cfg, page=""):
+            module.build(cfg, page)
+            raise AssertionError("the mistake got past build(): it would only show in a replica, Serve would "
+                                 "answer 'Deploying application failed' and main would wait forever")
+
+        monkeypatch.setattr(module, "start", build_only)
     (tmp_path / "in").mkdir()
     from PIL import Image
 

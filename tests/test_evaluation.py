@@ -133,7 +133,9 @@ def test_cli_writes_the_report(folder, tmp_path, capsys):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     args = ["--config", "configs/tiny.yaml", "--input", str(folder), "--out", str(tmp_path / "out"),
-            "--limit", "2", "--batch-size", "2", "--no-timing"]
+            "--limit", "2", "--batch-size", "2", "--no-timing",
+            # a direction whose file is not there: not loaded, as no --edit names it
+            "directions.up.kind=interfacegan", f"directions.up.path={tmp_path / 'nowhere_up.pt'}"]
     assert cli.main(args) == 0
     assert "| PSNR↑ |" in capsys.readouterr().out
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["images"] == 2
