@@ -19,7 +19,7 @@ PY="${PYTHON:-python}"
 cd "$ROOT"
 mkdir -p "$OUT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-RANDOM_WEIGHTS=(generator.checkpoint=null encoder.pretrained=null)
+RANDOM_WEIGHTS=(generator.checkpoint=null encoder.pretrained=null 'directions={}')  # nothing to download
 
 step() {  # step NAME SECONDS COMMAND...: run with a time cap, keep going if one step fails, log everything
   local name="$1" cap="$2"; shift 2

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from clcae.config import load_config
-from clcae.factory import build_clcae
+from clcae.factory import build_clcae, build_directions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,7 +190,7 @@ def gpu_script_steps(mode: str) -> list[tuple[str, list[str]]]:
     """(bench script, its argv) for every step of bench/gpu.sh's GPU run (``mode="gpu"``) or ``--smoke`` run, as
     bash would expand them (continuation lines joined, $OUT and the RANDOM_WEIGHTS array filled in)."""
     text = (ROOT / "bench" / "gpu.sh").read_text().replace("\\\n", " ")
-    weights = shlex.split(re.search(r"^RANDOM_WEIGHTS=\((.*)\)$", text, re.M).group(1))
+    weights = shlex.split(re.search(r"^RANDOM_WEIGHTS=\(([^)]*)\)", text, re.M).group(1))
     smoke, gpu = text.split("if [[ $SMOKE == 1 ]]; then", 1)[1].split("\nelse\n", 1)
     body = smoke if mode == "smoke" else gpu.split("\nfi\n", 1)[0]
     steps = []
@@ -222,3 +222,5 @@ def test_every_gpu_script_step_parses_and_its_config_loads(mode):
             cfg = load_config(args.config, list(args.overrides))
             if mode == "gpu":  # paper sizes, random weights at the official shapes: nothing to download
                 assert cfg.generator.size == 1024 and cfg.generator.checkpoint is None, name
+                assert cfg.encoder.pretrained is None, name
+                build_directions(cfg)  # every direction file the run would load is there (none are named)
