@@ -330,9 +330,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if path is not None:
         for raw, source in _load_yaml_chain(find_config(path), ()):
             conf = _merge(conf, raw, source)
-    for item in overrides:
-        conf = _merge(conf, _parse_override(item), f"override {item!r}", override=True)
-    return _finish(conf, "config")
+    return _finish(_apply_overrides(conf, overrides), "config")
 
 
 def from_dict(d: Mapping[str, Any]) -> CLCAEConfig:
@@ -399,9 +397,7 @@ def inference_config(model: Mapping[str, Any], job: CLCAEConfig | Mapping[str, A
         if key.split(".", 1)[0] in MODEL_SECTIONS and key not in SETTABLE_MODEL_KEYS:
             raise ConfigError(f"override {item!r}: {key} is part of the model's architecture, fixed by {source}; "
                               f"only {', '.join(SETTABLE_MODEL_KEYS)} can be set for a trained model", [key])
-    conf = _merge(OmegaConf.structured(CLCAEConfig), OmegaConf.create(merged), source)
-    for item in overrides:
-        conf = _merge(conf, _parse_override(item), f"override {item!r}")
+    conf = _apply_overrides(_merge(OmegaConf.structured(CLCAEConfig), OmegaConf.create(merged), source), overrides)
     return _finish(conf, source)
 
 
@@ -668,6 +664,12 @@ def _parse_override(item: str) -> DictConfig:
         return OmegaConf.from_dotlist([item])
     except (yaml.YAMLError, OmegaConfBaseException) as e:
         raise ConfigError(f"override {item!r}: cannot parse the value: {e}") from None
+
+
+def _apply_overrides(conf: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        conf = _merge(conf, _parse_override(item), f"override {item!r}", override=True)
+    return conf
 
 
 def _merge(conf: DictConfig, raw: DictConfig, source: str, override: bool = False) -> DictConfig:

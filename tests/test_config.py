@@ -14,6 +14,7 @@ from clcae.config import (
     DirectionConfig,
     LossConfig,
     from_dict,
+    inference_config,
     load_config,
     n_latent,
     to_dict,
@@ -120,6 +121,16 @@ def test_override_leaves_one_direction_out():
     assert "smile" in full and "eyes" in full
     assert cfg.directions == {k: v for k, v in full.items() if k not in ("smile", "eyes")}
     assert load("ffhq", "train.resources_per_worker={}").directions == full
+
+
+@pytest.mark.parametrize("clear", ["directions={}", "directions=null"])
+def test_a_trained_models_overrides_empty_the_directions_too(clear):
+    """--model runs through inference_config, the merge every front door uses for a trained model."""
+    job = load("ffhq")
+    model = {k: v for k, v in to_dict(job).items() if k in ("generator", "encoder", "model")}
+    assert inference_config(model, job).directions == job.directions
+    assert inference_config(model, job, [clear]).directions == {}
+    assert "smile" not in inference_config(model, job, ["directions.smile=null"]).directions
 
 
 def test_leaving_out_an_unknown_direction_names_the_ones_there():
