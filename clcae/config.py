@@ -242,6 +242,9 @@ class ServeConfig:
     max_queued_requests: int = 32  # per deployment; beyond it requests get 503 + Retry-After at once
     use_gpu: bool = False
     cpus_per_replica: float = 1.0
+    # With use_gpu: the GPU share Ray reserves for each model replica (InvertModel, EditModel). 0.5: one GPU holds
+    # one replica of each, so a one-GPU machine serves; 1: a GPU per replica (two GPUs before the first request).
+    gpus_per_replica: float = 0.5
     max_strength: float = 10.0  # cap on |strength| on top of each direction's own max_strength
     # What `align=true` requests align to: "faces" (MTCNN + FFHQ alignment) or "cars" (the official 4:3 centre
     # crop); None follows the model: cars when generator.crop is set (only car models crop), else faces.
@@ -592,6 +595,8 @@ def _check_data_train_storage(cfg: CLCAEConfig, check: Check) -> None:
           "must be > serve.metrics_interval_s: the average needs more than one report")
     check(v.health_check_period_s > 0, "serve.health_check_period_s", "must be > 0 seconds")
     check(v.max_queued_requests >= 1, "serve.max_queued_requests", "must be >= 1: a bounded queue")
+    check(0 < v.gpus_per_replica <= 1, "serve.gpus_per_replica",
+          "must be > 0 and <= 1: a replica runs its model on one GPU (0.5 shares one between two replicas)")
     check(v.align_domain in (None, "faces", "cars"), "serve.align_domain",
           "must be faces, cars or null (null: cars when generator.crop is set, else faces)")
     check(v.host in LOOPBACK_HOSTS or serve_api_key(v) is not None, "serve.host",

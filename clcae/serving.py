@@ -139,6 +139,12 @@ def admission_limit(s: ServeConfig) -> int:
     return s.max_replicas * (s.max_ongoing_requests + s.max_queued_requests)
 
 
+def model_replica_resources(s: ServeConfig) -> dict[str, float]:
+    """Ray resources of one InvertModel or EditModel replica.  With a GPU, a share of one (serve.gpus_per_replica):
+    a whole GPU each would leave EditModel pending on a one-GPU machine, and the app never ready."""
+    return {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica if s.use_gpu else 0}
+
+
 def ingress_limits(s: ServeConfig) -> dict[str, int]:
     """Serve's max_ongoing/max_queued for the ingress: above the admission limit, so the ingress's own JSON 503
     answers overload and Serve's plain-text one is a last resort."""
@@ -708,7 +714,7 @@ def build(cfg: CLCAEConfig, page: str = ""):
     # The API key is decided here, once, in the process that validated the config against it (serve.host), and
     # travels with the config: a replica on another node need not have CLCAE_API_KEY in its environment.
     config["serve"]["api_key"] = serve_api_key(s)
-    actor = {"num_cpus": s.cpus_per_replica, "num_gpus": 1 if s.use_gpu else 0}
+    actor = model_replica_resources(s)
     autoscaling = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                    "target_ongoing_requests": s.target_ongoing_requests, "upscale_delay_s": s.upscale_delay_s,
                    "downscale_delay_s": s.downscale_delay_s, "look_back_period_s": s.look_back_period_s,

@@ -369,6 +369,35 @@ def test_builder_reads_args_as_config_and_overrides():
         build_app({"serve.max_replicsa": "3"})
 
 
+def _model_deployments(app) -> dict:
+    ingress = app._bound_deployment  # the Api, bound to the two model deployments
+    return {a._bound_deployment.name: a._bound_deployment for a in ingress.init_args
+            if hasattr(a, "_bound_deployment")}
+
+
+def test_a_gpu_app_fits_one_gpu_unless_told_otherwise():
+    """With serve.use_gpu each model deployment asked Ray for a whole GPU: on a one-GPU machine EditModel waited
+    for a second GPU and the application never became ready."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from serve.app import build_app
+
+    config = str(ROOT / "configs" / "tiny.yaml")
+    models = _model_deployments(build_app({"config": config, "serve.use_gpu": "true"}))
+    assert set(models) == {"InvertModel", "EditModel"}
+    assert sum(d.ray_actor_options["num_gpus"] for d in models.values()) <= 1
+    whole = _model_deployments(build_app({"config": config, "serve.use_gpu": "true", "serve.gpus_per_replica": "1"}))
+    assert [d.ray_actor_options["num_gpus"] for d in whole.values()] == [1, 1]
+    cpu = _model_deployments(build_app({"config": config, "serve.gpus_per_replica": "1"}))
+    assert [d.ray_actor_options["num_gpus"] for d in cpu.values()] == [0, 0]
+    from clcae.config import ConfigError
+
+    for bad in ("0", "2"):
+        with pytest.raises(ConfigError, match="serve.gpus_per_replica"):
+            build_app({"config": config, "serve.gpus_per_replica": bad})
+
+
 def test_api_key_is_required_when_configured():
     from clcae.config import ConfigError
     from clcae.serving import ApiError, check_api_key
