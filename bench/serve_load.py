@@ -353,27 +353,33 @@ def edit_direction(config: str, folder: str) -> list[str]:
     return ["directions.bench.kind=interfacegan", f"directions.bench.path={path}", "directions.bench.max_strength=5"]
 
 
+def bench_configs(args: argparse.Namespace, port: int, folder: str) -> dict[str, Any]:
+    """The two applications' configs (SETTINGS), from the command line's config and overrides."""
+    from clcae.config import load_config
+
+    base = list(args.overrides) + (["serve.model=" + args.model] if args.model else [])
+    # Fixed replica count (no autoscaling difference between settings); queues deep enough that the
+    # offered load is queued, not refused, unless the user overrides them.
+    fixed = [f"serve.min_replicas={args.replicas}", f"serve.max_replicas={args.replicas}",
+             f"serve.host={HOST}", f"serve.port={port}"]
+    # With serve.use_gpu, both applications' model replicas (2 deployments each) share one GPU.
+    gpu_share = math.floor(1e4 / (len(SETTINGS) * 2 * args.replicas)) / 1e4
+    defaults = [f"serve.max_ongoing_requests={max(16, args.concurrency)}",
+                f"serve.max_queued_requests={max(32, 2 * args.concurrency)}", f"serve.gpus_per_replica={gpu_share}"]
+    defaults = [d for d in defaults if d.split("=")[0] not in {o.split("=")[0] for o in base}]
+    if args.endpoint == "edit":
+        base += edit_direction(args.config, folder)
+    return {name: load_config(args.config, defaults + base + fixed + [f"serve.max_batch_size={bs}"])
+            for name, bs in SETTINGS.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import ray
     from ray import serve
 
-    from clcae.config import load_config
-
-    base = list(args.overrides) + (["serve.model=" + args.model] if args.model else [])
-    port = free_port()
-    # Fixed replica count (no autoscaling difference between settings); queues deep enough that the
-    # offered load is queued, not refused, unless the user overrides them.
-    fixed = [f"serve.min_replicas={args.replicas}", f"serve.max_replicas={args.replicas}",
-             f"serve.host={HOST}", f"serve.port={port}"]
-    defaults = [f"serve.max_ongoing_requests={max(16, args.concurrency)}",
-                f"serve.max_queued_requests={max(32, 2 * args.concurrency)}"]
-    defaults = [d for d in defaults if d.split("=")[0] not in {o.split("=")[0] for o in base}]
     tmp = tempfile.TemporaryDirectory(prefix="serve_load_")
-    if args.endpoint == "edit":
-        base += edit_direction(args.config, tmp.name)
-    configs = {name: load_config(args.config, defaults + base + fixed + [f"serve.max_batch_size={bs}"])
-               for name, bs in SETTINGS.items()}
+    configs = bench_configs(args, free_port(), tmp.name)
     image = test_image(args.image_size)
 
     report: dict[str, Any] = {
@@ -385,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_seconds": args.max_seconds, "warmup": args.warmup, "replicas": args.replicas,
         "image": f"{args.image_size}x{args.image_size} PNG, {len(image):,} bytes",
         "serve": {k: getattr(configs["batched"].serve, k) for k in (
-            "cpus_per_replica", "batch_wait_timeout_s", "max_ongoing_requests", "max_queued_requests", "use_gpu")},
+            "cpus_per_replica", "gpus_per_replica", "batch_wait_timeout_s", "max_ongoing_requests",
+            "max_queued_requests", "use_gpu")},
         "machine": {**machine(), "load_average_at_start": loadavg()},
     }
     # Logical CPUs: both applications' replicas must fit (each: the ingress's 0.5 + two model deployments)

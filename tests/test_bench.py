@@ -18,6 +18,7 @@ import torch
 
 from clcae.config import load_config
 from clcae.factory import build_clcae, build_directions
+from clcae.serving import model_replica_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,7 +208,7 @@ def gpu_script_steps(mode: str) -> list[tuple[str, list[str]]]:
 
 
 @pytest.mark.parametrize("mode", ["gpu", "smoke"])
-def test_every_gpu_script_step_parses_and_its_config_loads(mode):
+def test_every_gpu_script_step_parses_and_its_config_loads(mode, tmp_path):
     """The GPU run has only been rehearsed (--smoke) on CPU: a flag or config-key typo in its own lines would only
     show on a lent GPU, whose minutes are few.  Every step's arguments go through its script's own parser, and the
     config with its overrides through load_config, which rejects unknown keys."""
@@ -215,7 +216,8 @@ def test_every_gpu_script_step_parses_and_its_config_loads(mode):
     expected = ["generator", "inference", "train_step", "batch", "serve_load"]
     assert sorted({name for name, _ in steps}) == sorted(expected)
     for name, argv in steps:
-        args = load_bench(name).parse_args(argv)
+        module = load_bench(name)
+        args = module.parse_args(argv)
         if mode == "gpu" and "--device" in argv:
             assert args.device == "cuda", (name, argv)
         if hasattr(args, "overrides"):
@@ -224,3 +226,7 @@ def test_every_gpu_script_step_parses_and_its_config_loads(mode):
                 assert cfg.generator.size == 1024 and cfg.generator.checkpoint is None, name
                 assert cfg.encoder.pretrained is None, name
                 build_directions(cfg)  # every direction file the run would load is there (none are named)
+        if mode == "gpu" and name == "serve_load":  # both applications' model replicas on the one lent GPU
+            configs = module.bench_configs(args, 8000, str(tmp_path))
+            gpus = sum(2 * args.replicas * model_replica_resources(c.serve)["num_gpus"] for c in configs.values())
+            assert all(c.serve.use_gpu for c in configs.values()) and 0 < gpus <= 1, gpus
