@@ -31,6 +31,8 @@ import io
 import json
 import logging
 import os
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -64,6 +66,7 @@ from clcae.data.images import (
     unit_to_uint8,
 )
 from clcae.editing import EditError
+from clcae.errors import CLCAEError
 from clcae.factory import build_directions, latent_shapes
 from clcae.inference import Inverter
 from clcae.metrics import psnr
@@ -733,9 +736,66 @@ def build(cfg: CLCAEConfig, page: str = ""):
                        backpressure_config=backpressure).bind(inverter, editor, config, page)
 
 
-def start(cfg: CLCAEConfig, page: str = "", name: str = "clcae", blocking: bool = False):
-    """``serve.start`` on the configured host/port, then run the app; returns the ingress handle."""
+class ServeCapacityError(CLCAEError, ValueError):
+    """The application cannot start on this Ray cluster: its replicas at minimum scale need more than it has."""
+
+
+def resources_at_min_scale(s: ServeConfig) -> dict[str, float]:
+    """What the application holds before its first request: ``serve.min_replicas`` replicas of each model
+    deployment and the one ingress replica."""
+    model = model_replica_resources(s)
+    return {"CPU": 2 * s.min_replicas * model["num_cpus"] + min(0.5, s.cpus_per_replica),
+            "GPU": 2 * s.min_replicas * model["num_gpus"]}
+
+
+def check_capacity(s: ServeConfig, available: dict[str, float]) -> None:
+    """Refuse an application that a fixed-size Ray cluster (``available``: its total resources) cannot hold: Serve
+    would leave the replicas pending, and the start would wait forever without a word."""
+    need = resources_at_min_scale(s)
+    short = [f"{need[k]:g} {k}s, the cluster has {available.get(k, 0.0):g}" for k in need
+             if need[k] > available.get(k, 0.0) + 1e-9]
+    if short:
+        raise ServeCapacityError(
+            f"the app cannot start on this Ray cluster: at serve.min_replicas={s.min_replicas} its two model "
+            f"deployments and the ingress need {'; '.join(short)}. Lower serve.min_replicas, "
+            f"serve.cpus_per_replica{' or serve.gpus_per_replica' if s.use_gpu else ''}, or start a larger cluster")
+
+
+def _report_progress(name: str, done: threading.Event, every_s: float) -> None:
+    """Until ``done``: every ``every_s`` a line on stderr with the deployments not yet healthy and Serve's word on
+    them (on a cluster that must grow first, it says which resources the replicas wait for)."""
+    started = time.monotonic()
+    while not done.wait(every_s):
+        try:
+            app = serve.status().applications.get(name)
+        except Exception:  # noqa: BLE001 - the controller may be starting; try again next time
+            continue
+        waiting = [f"{d} {st.status.value}" + (f": {st.message.splitlines()[0]}" if st.message else "")
+                   for d, st in (app.deployments.items() if app else ()) if st.status.value != "HEALTHY"]
+        if waiting:
+            print(f"still starting after {time.monotonic() - started:.0f} s: " + "; ".join(waiting),
+                  file=sys.stderr, flush=True)
+
+
+def start(cfg: CLCAEConfig, page: str = "", name: str = "clcae", blocking: bool = False,
+          fixed_size: bool | None = None, progress_every_s: float = 30.0):
+    """``serve.start`` on the configured host/port, then run the app; returns the ingress handle.
+
+    ``fixed_size``: the Ray cluster cannot grow (a local one; default: RAY_ADDRESS unset, as ``init_ray`` decides),
+    so an app larger than it is refused before deploying.  While the app starts, a progress line every
+    ``progress_every_s`` names what it waits for."""
     s = cfg.serve
+    app = build(cfg, page)
+    if fixed_size if fixed_size is not None else not os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        check_capacity(s, ray.cluster_resources())
     serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})
-    return serve.run(build(cfg, page), name=name, route_prefix="/", blocking=blocking)
+    done = threading.Event()
+    reporter = threading.Thread(target=_report_progress, args=(name, done, progress_every_s), daemon=True)
+    reporter.start()
+    try:
+        return serve.run(app, name=name, route_prefix="/", blocking=blocking)
+    finally:
+        done.set()
 

@@ -398,6 +398,57 @@ def test_a_gpu_app_fits_one_gpu_unless_told_otherwise():
             build_app({"config": config, "serve.gpus_per_replica": bad})
 
 
+def test_an_app_larger_than_a_fixed_cluster_is_refused_before_deploying(monkeypatch):
+    """Serve leaves replicas it cannot place pending: `serve/app.py serve.min_replicas=3` on a 4-CPU local Ray waited
+    forever without a word.  Now it is one error naming what is short, before anything is deployed."""
+    import ray
+    from ray import serve
+
+    from clcae.serving import ServeCapacityError, check_capacity, resources_at_min_scale, start
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["serve.min_replicas=3", "serve.max_replicas=3"])
+    assert resources_at_min_scale(cfg.serve) == {"CPU": 6.5, "GPU": 0}  # 3 + 3 model replicas, the ingress
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(serve, "start", lambda **_: pytest.fail("deployed an app that cannot start"))
+    with pytest.raises(ServeCapacityError, match=r"serve.min_replicas=3 .* need 6.5 CPUs, the cluster has 4\. "
+                                                 r"Lower serve.min_replicas, serve.cpus_per_replica, or"):
+        start(cfg, fixed_size=True)
+    check_capacity(cfg.serve, {"CPU": 6.5})  # fits exactly
+    gpu = load_config(ROOT / "configs" / "tiny.yaml", ["serve.use_gpu=true"])
+    check_capacity(gpu.serve, {"CPU": 4.0, "GPU": 1.0})  # one replica of each model on one GPU
+    with pytest.raises(ServeCapacityError, match=r"1 GPUs, the cluster has 0\. .*serve.gpus_per_replica"):
+        check_capacity(gpu.serve, {"CPU": 4.0})
+
+
+def test_a_slow_start_says_what_it_waits_for(monkeypatch, capsys):
+    """On a cluster that may grow (RAY_ADDRESS), the start waits; a line every interval names the deployments not yet
+    healthy with Serve's own message (which says which resources the replicas wait for)."""
+    import threading
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from clcae.serving import _report_progress
+
+    pending = SimpleNamespace(status=SimpleNamespace(value="UPDATING"),
+                              message="has 1 replicas that have taken more than 30s to be scheduled.\nmore")
+    healthy = SimpleNamespace(status=SimpleNamespace(value="HEALTHY"), message="")
+    app = SimpleNamespace(deployments={"InvertModel": healthy, "EditModel": pending})
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications={"clcae": app}))
+    done = threading.Event()
+    reporter = threading.Thread(target=_report_progress, args=("clcae", done, 0.05), daemon=True)
+    reporter.start()
+    try:
+        done.wait(0.3)
+    finally:
+        done.set()
+        reporter.join(5)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and not reporter.is_alive()
+    assert all(line.startswith("still starting after ") for line in lines)
+    assert lines[0].endswith("s: EditModel UPDATING: has 1 replicas that have taken more than 30s to be scheduled.")
+
+
 def test_api_key_is_required_when_configured():
     from clcae.config import ConfigError
     from clcae.serving import ApiError, check_api_key
