@@ -54,7 +54,8 @@ from clcae.data.images import (
     uint8_to_unit,
 )
 from clcae.data.shards import ALIGN_COLUMNS, FACE_KEY, read_shards, validate_shards
-from clcae.errors import CLCAEError
+from clcae.errors import CLCAEError, ClusterCapacityError
+from clcae.train.runtime import fixed_size_cluster
 
 log = logging.getLogger(__name__)
 
@@ -459,6 +460,25 @@ def align_rows(batch: dict[str, np.ndarray], domain: str, size: tuple[int, int],
     return out
 
 
+def check_actor_capacity(i: InferConfig, available: dict[str, float], decode_cpus: float) -> None:
+    """Refuse a job a Ray cluster that cannot grow could never run: the actors, and beside them at least one decode
+    task, must fit its CPUs, and with infer.use_gpu each actor needs a GPU.  Ray Data would otherwise wait for them
+    forever (measured: infer.use_gpu=true without a GPU, or 2 actors of 2 CPUs on a 4-CPU local Ray)."""
+    short = []
+    cpus, gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
+    need = i.actors * i.cpus_per_actor + decode_cpus
+    if need > cpus + 1e-9:
+        short.append(f"infer.actors={i.actors} of infer.cpus_per_actor={i.cpus_per_actor:g} CPUs, plus "
+                     f"{decode_cpus:g} for decoding beside them, need {need:g} CPUs and this Ray has {cpus:g} "
+                     "(lower infer.actors or infer.cpus_per_actor)")
+    if i.use_gpu and i.actors > gpus + 1e-9:
+        short.append(f"infer.use_gpu=true gives each of the {i.actors} actor(s) a GPU and this Ray has {gpus:g} "
+                     "(lower infer.actors, or drop infer.use_gpu where torch sees no CUDA device)")
+    if short:
+        raise ClusterCapacityError("the job cannot run on this Ray cluster: " + "; ".join(short)
+                                   + ". Or run it on a cluster that has them (RAY_ADDRESS)")
+
+
 def concurrent_batches(infer: InferConfig) -> int:
     """Batches an inversion actor runs at once (``infer.concurrent_batches``; null: one per whole CPU of a CPU
     actor, one on a GPU)."""
@@ -741,7 +761,10 @@ def invert_to_table(cfg: CLCAEConfig, inputs: list[str], out_uri: str, source: A
     # At most as many of those tasks at once as the cluster has CPUs beside the actors: fractional CPU requests
     # alone would let Ray start a worker process per fraction (16 on a 4-CPU machine) that only compete.
     decode_cpus = DECODE_CPUS if i.cpus_per_actor != DECODE_CPUS else DECODE_CPUS / 2
-    cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else os.cpu_count() or 1
+    resources = ray.cluster_resources() if ray.is_initialized() else {"CPU": os.cpu_count() or 1}
+    if fixed_size_cluster():
+        check_actor_capacity(i, resources, decode_cpus)
+    cpus = resources.get("CPU", 1)
     spare = int(cpus - i.actors * i.cpus_per_actor)
     cpu_stage = {"batch_format": "numpy", "num_cpus": decode_cpus,
                  "compute": ray.data.TaskPoolStrategy(size=max(1, spare))}

@@ -18,3 +18,8 @@ class CLCAEError(Exception):
     """
 
     exit_code: int = 2
+
+
+class ClusterCapacityError(CLCAEError, ValueError):
+    """A job or app asks a Ray cluster that cannot grow for more CPUs or GPUs than it has: Ray would leave the
+    actors pending and the job would wait forever without a word, so it is refused before it starts."""

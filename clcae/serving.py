@@ -66,11 +66,12 @@ from clcae.data.images import (
     unit_to_uint8,
 )
 from clcae.editing import EditError
-from clcae.errors import CLCAEError
+from clcae.errors import ClusterCapacityError
 from clcae.factory import build_directions, latent_shapes
 from clcae.inference import Inverter
 from clcae.metrics import psnr
 from clcae.pretrained import prepare
+from clcae.train.runtime import fixed_size_cluster
 from clcae.wire import ApiError, finite_number, from_wire, short, to_wire
 
 if TYPE_CHECKING:
@@ -736,10 +737,6 @@ def build(cfg: CLCAEConfig, page: str = ""):
                        backpressure_config=backpressure).bind(inverter, editor, config, page)
 
 
-class ServeCapacityError(CLCAEError, ValueError):
-    """The application cannot start on this Ray cluster: its replicas at minimum scale need more than it has."""
-
-
 def resources_at_min_scale(s: ServeConfig) -> dict[str, float]:
     """What the application holds before its first request: ``serve.min_replicas`` replicas of each model
     deployment and the one ingress replica."""
@@ -755,7 +752,7 @@ def check_capacity(s: ServeConfig, available: dict[str, float]) -> None:
     short = [f"{need[k]:g} {k}s, the cluster has {available.get(k, 0.0):g}" for k in need
              if need[k] > available.get(k, 0.0) + 1e-9]
     if short:
-        raise ServeCapacityError(
+        raise ClusterCapacityError(
             f"the app cannot start on this Ray cluster: at serve.min_replicas={s.min_replicas} its two model "
             f"deployments and the ingress need {'; '.join(short)}. Lower serve.min_replicas, "
             f"serve.cpus_per_replica{' or serve.gpus_per_replica' if s.use_gpu else ''}, or start a larger cluster")
@@ -781,12 +778,12 @@ def start(cfg: CLCAEConfig, page: str = "", name: str = "clcae", blocking: bool 
           fixed_size: bool | None = None, progress_every_s: float = 30.0):
     """``serve.start`` on the configured host/port, then run the app; returns the ingress handle.
 
-    ``fixed_size``: the Ray cluster cannot grow (a local one; default: RAY_ADDRESS unset, as ``init_ray`` decides),
+    ``fixed_size``: the Ray cluster cannot grow (default: :func:`clcae.train.runtime.fixed_size_cluster`),
     so an app larger than it is refused before deploying.  While the app starts, a progress line every
     ``progress_every_s`` names what it waits for."""
     s = cfg.serve
     app = build(cfg, page)
-    if fixed_size if fixed_size is not None else not os.environ.get("RAY_ADDRESS"):
+    if fixed_size if fixed_size is not None else fixed_size_cluster():
         import ray
 
         check_capacity(s, ray.cluster_resources())

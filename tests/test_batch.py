@@ -150,6 +150,34 @@ def test_interrupted_run_resumes_only_missing_rows_of_a_partly_done_shard(ray_cl
     assert sorted(keys) == [f"k{i:02d}" for i in range(20)]
 
 
+@pytest.mark.parametrize("overrides,available,message", [
+    (["infer.use_gpu=true"], {"CPU": 4.0},
+     r"infer.use_gpu=true gives each of the 1 actor\(s\) a GPU and this Ray has 0 .*drop infer.use_gpu"),
+    (["infer.actors=2", "infer.cpus_per_actor=2"], {"CPU": 4.0},
+     r"infer.actors=2 of infer.cpus_per_actor=2 CPUs, plus 0.5 for decoding beside them, need 4.5 CPUs and this "
+     r"Ray has 4 \(lower infer.actors or infer.cpus_per_actor\)"),
+])
+def test_a_job_a_fixed_cluster_cannot_hold_is_refused_before_it_starts(tmp_path, monkeypatch, overrides, available,
+                                                                       message):
+    """Both waited forever on a local Ray (measured before the fix: 90 s, no row, no word of why): Ray Data kept
+    the actors, or beside them the decode task, pending."""
+    import ray
+
+    from clcae.errors import ClusterCapacityError
+
+    image_folder(tmp_path / "in", 2, corrupt=set())
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local Ray: it cannot grow
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: available)
+    monkeypatch.setattr(ray.data, "from_items", lambda *a, **k: pytest.fail("the pipeline was built"))
+    with pytest.raises(ClusterCapacityError, match=message):
+        invert_to_table(cfg(*overrides), [str(tmp_path / "in")], str(tmp_path / "out"))
+    fits = cfg("infer.use_gpu=true", "infer.cpus_per_actor=2").infer
+    from clcae.batch import check_actor_capacity
+
+    check_actor_capacity(fits, {"CPU": 2.5, "GPU": 1.0}, 0.5)
+
+
 def test_one_minimum_image_size_for_every_front_door():
     """The batch job and evaluate accept and refuse the same images: one minimum, defined once."""
     from clcae.batch import decode_rows

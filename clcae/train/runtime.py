@@ -198,6 +198,13 @@ def init_ray(num_cpus: int | None = None, verbose: bool | None = None) -> str | 
     return _session_dir
 
 
+def fixed_size_cluster() -> bool:
+    """Whether the Ray cluster of this process cannot grow: the local one :func:`init_ray` starts when RAY_ADDRESS is
+    unset.  A cluster named by RAY_ADDRESS (``ray job submit``, ``ray up``) may have an autoscaler that adds nodes
+    for actors that wait, so waiting there is right."""
+    return not os.environ.get("RAY_ADDRESS")
+
+
 def _current_session_dir() -> str | None:
     try:
         import ray
