@@ -55,7 +55,7 @@ from clcae.data.images import (
 )
 from clcae.data.shards import ALIGN_COLUMNS, FACE_KEY, read_shards, validate_shards
 from clcae.errors import CLCAEError, ClusterCapacityError
-from clcae.train.runtime import fixed_size_cluster
+from clcae.train.runtime import fixed_size_cluster, shortfall
 
 log = logging.getLogger(__name__)
 
@@ -464,19 +464,16 @@ def check_actor_capacity(i: InferConfig, available: dict[str, float], decode_cpu
     """Refuse a job a Ray cluster that cannot grow could never run: the actors, and beside them at least one decode
     task, must fit its CPUs, and with infer.use_gpu each actor needs a GPU.  Ray Data would otherwise wait for them
     forever (measured: infer.use_gpu=true without a GPU, or 2 actors of 2 CPUs on a 4-CPU local Ray)."""
-    short = []
-    cpus, gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
-    need = i.actors * i.cpus_per_actor + decode_cpus
-    if need > cpus + 1e-9:
-        short.append(f"infer.actors={i.actors} of infer.cpus_per_actor={i.cpus_per_actor:g} CPUs, plus "
-                     f"{decode_cpus:g} for decoding beside them, need {need:g} CPUs and this Ray has {cpus:g} "
-                     "(lower infer.actors or infer.cpus_per_actor)")
-    if i.use_gpu and i.actors > gpus + 1e-9:
-        short.append(f"infer.use_gpu=true gives each of the {i.actors} actor(s) a GPU and this Ray has {gpus:g} "
-                     "(lower infer.actors, or drop infer.use_gpu where torch sees no CUDA device)")
+    need = {"CPU": i.actors * i.cpus_per_actor + decode_cpus, "GPU": i.actors if i.use_gpu else 0}
+    short = shortfall(need, available)
     if short:
-        raise ClusterCapacityError("the job cannot run on this Ray cluster: " + "; ".join(short)
-                                   + ". Or run it on a cluster that has them (RAY_ADDRESS)")
+        gpu = "a GPU each (infer.use_gpu), " if i.use_gpu else ""
+        raise ClusterCapacityError(
+            f"the job cannot run on this Ray cluster: infer.actors={i.actors} actors of infer.cpus_per_actor="
+            f"{i.cpus_per_actor:g} CPUs, {gpu}with {decode_cpus:g} CPUs for decoding beside them, need {short}. "
+            "Lower infer.actors or infer.cpus_per_actor"
+            + (", drop infer.use_gpu where torch sees no CUDA device" if i.use_gpu else "")
+            + ", or run on a cluster that has them (RAY_ADDRESS)")
 
 
 def concurrent_batches(infer: InferConfig) -> int:

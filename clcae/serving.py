@@ -71,7 +71,7 @@ from clcae.factory import build_directions, latent_shapes
 from clcae.inference import Inverter
 from clcae.metrics import psnr
 from clcae.pretrained import prepare
-from clcae.train.runtime import fixed_size_cluster
+from clcae.train.runtime import fixed_size_cluster, shortfall
 from clcae.wire import ApiError, finite_number, from_wire, short, to_wire
 
 if TYPE_CHECKING:
@@ -748,13 +748,11 @@ def resources_at_min_scale(s: ServeConfig) -> dict[str, float]:
 def check_capacity(s: ServeConfig, available: dict[str, float]) -> None:
     """Refuse an application that a fixed-size Ray cluster (``available``: its total resources) cannot hold: Serve
     would leave the replicas pending, and the start would wait forever without a word."""
-    need = resources_at_min_scale(s)
-    short = [f"{need[k]:g} {k}s, the cluster has {available.get(k, 0.0):g}" for k in need
-             if need[k] > available.get(k, 0.0) + 1e-9]
+    short = shortfall(resources_at_min_scale(s), available)
     if short:
         raise ClusterCapacityError(
             f"the app cannot start on this Ray cluster: at serve.min_replicas={s.min_replicas} its two model "
-            f"deployments and the ingress need {'; '.join(short)}. Lower serve.min_replicas, "
+            f"deployments and the ingress need {short}. Lower serve.min_replicas, "
             f"serve.cpus_per_replica{' or serve.gpus_per_replica' if s.use_gpu else ''}, or start a larger cluster")
 
 

@@ -152,10 +152,11 @@ def test_interrupted_run_resumes_only_missing_rows_of_a_partly_done_shard(ray_cl
 
 @pytest.mark.parametrize("overrides,available,message", [
     (["infer.use_gpu=true"], {"CPU": 4.0},
-     r"infer.use_gpu=true gives each of the 1 actor\(s\) a GPU and this Ray has 0 .*drop infer.use_gpu"),
+     r"infer.actors=1 actors .* a GPU each \(infer.use_gpu\), .* need 1 GPUs \(the cluster has 0\)\. "
+     r"Lower .*drop infer.use_gpu"),
     (["infer.actors=2", "infer.cpus_per_actor=2"], {"CPU": 4.0},
-     r"infer.actors=2 of infer.cpus_per_actor=2 CPUs, plus 0.5 for decoding beside them, need 4.5 CPUs and this "
-     r"Ray has 4 \(lower infer.actors or infer.cpus_per_actor\)"),
+     r"infer.actors=2 actors of infer.cpus_per_actor=2 CPUs, with 0.5 CPUs for decoding beside them, need 4.5 "
+     r"CPUs \(the cluster has 4\)\. Lower infer.actors or infer.cpus_per_actor"),
 ])
 def test_a_job_a_fixed_cluster_cannot_hold_is_refused_before_it_starts(tmp_path, monkeypatch, overrides, available,
                                                                        message):

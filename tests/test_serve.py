@@ -411,13 +411,13 @@ def test_an_app_larger_than_a_fixed_cluster_is_refused_before_deploying(monkeypa
     assert resources_at_min_scale(cfg.serve) == {"CPU": 6.5, "GPU": 0}  # 3 + 3 model replicas, the ingress
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
     monkeypatch.setattr(serve, "start", lambda **_: pytest.fail("deployed an app that cannot start"))
-    with pytest.raises(ClusterCapacityError, match=r"serve.min_replicas=3 .* need 6.5 CPUs, the cluster has 4\. "
+    with pytest.raises(ClusterCapacityError, match=r"serve.min_replicas=3 .* need 6.5 CPUs \(the cluster has 4\)\. "
                                                  r"Lower serve.min_replicas, serve.cpus_per_replica, or"):
         start(cfg, fixed_size=True)
     check_capacity(cfg.serve, {"CPU": 6.5})  # fits exactly
     gpu = load_config(ROOT / "configs" / "tiny.yaml", ["serve.use_gpu=true"])
     check_capacity(gpu.serve, {"CPU": 4.0, "GPU": 1.0})  # one replica of each model on one GPU
-    with pytest.raises(ClusterCapacityError, match=r"1 GPUs, the cluster has 0\. .*serve.gpus_per_replica"):
+    with pytest.raises(ClusterCapacityError, match=r"need 1 GPUs \(the cluster has 0\)\. .*serve.gpus_per_replica"):
         check_capacity(gpu.serve, {"CPU": 4.0})
 
 

@@ -16,6 +16,7 @@ from conftest import kill_session
 from clcae.config import ConfigError, load_config
 from clcae.data.shards import ShardError
 from clcae.data.synthesis import synthesize
+from clcae.errors import ClusterCapacityError
 from clcae.inference import Inverter
 from clcae.train.loop import Faults, TrainSetupError, fit
 
@@ -158,7 +159,7 @@ def test_training_reads_shards_from_and_checkpoints_to_s3(s3_server, ray_cluster
     assert "loss" in tags["scalars"] and [e.step for e in mux.Scalars(run, "loss")] == [1, 2]
 
 
-def test_setup_errors_come_before_any_worker_starts(ray_cluster, pairs, tmp_path):
+def test_setup_errors_come_before_any_worker_starts(ray_cluster, pairs, tmp_path, monkeypatch):
     with pytest.raises(TrainSetupError, match="contrastive.checkpoint"):
         fit(cfg_for(tmp_path, f"data.train=[{pairs}]"), "inversion", "x")
     with pytest.raises(TrainSetupError, match="not found"):
@@ -175,6 +176,14 @@ def test_setup_errors_come_before_any_worker_starts(ray_cluster, pairs, tmp_path
     pq.write_table(pa.table({"key": ["a"], "img": [b"x"]}), bad / "shard-00000.parquet")
     with pytest.raises(ShardError, match="shard-00000.parquet"):
         fit(cfg_for(tmp_path, f"data.train=[{bad}]", "model.use_align=false"), "inversion", "x")
+    # Ray Train waited for a GPU this local Ray will never have, without a word (measured: 100 s, then killed)
+    import ray.train.torch
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", lambda *a, **k: pytest.fail("a trainer was started"))
+    with pytest.raises(ClusterCapacityError, match=r"1 worker\(s\) of .* need 1 GPUs \(the cluster has 0\)"):
+        fit(cfg_for(tmp_path, f"data.pairs=[{pairs}]", "train.use_gpu=true"), "contrastive", "x")
+    with pytest.raises(ClusterCapacityError, match=r"need 500 CPUs \(the cluster has 4\)"):
+        fit(cfg_for(tmp_path, f"data.pairs=[{pairs}]", "train.cpus_per_worker=500"), "contrastive", "x")
 
 
 def test_relative_paths_are_resolved_in_the_driver(ray_cluster, pairs, stage1, tmp_path, monkeypatch):
