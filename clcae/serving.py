@@ -26,11 +26,13 @@ whose pickling costs ~10x more); the ingress does every decode and PNG encode, i
 import asyncio
 import base64
 import contextlib
+import errno
 import hmac
 import io
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -66,7 +68,7 @@ from clcae.data.images import (
     unit_to_uint8,
 )
 from clcae.editing import EditError
-from clcae.errors import ClusterCapacityError
+from clcae.errors import CLCAEError, ClusterCapacityError
 from clcae.factory import build_directions, latent_shapes
 from clcae.inference import Inverter
 from clcae.metrics import psnr
@@ -756,6 +758,40 @@ def check_capacity(s: ServeConfig, available: dict[str, float]) -> None:
             f"serve.cpus_per_replica{' or serve.gpus_per_replica' if s.use_gpu else ''}, or start a larger cluster")
 
 
+def _serve_running() -> bool:
+    """Whether Serve already runs on this cluster (its proxy then holds the port, and serve.start changes nothing)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+class ServeAddressError(CLCAEError, ValueError):
+    """serve.host / serve.port where this machine cannot listen (in use, or not one of its addresses)."""
+
+
+def check_port(host: str, port: int) -> None:
+    """The HTTP address must be free on this machine before Serve's proxy tries it: its failure arrives as a
+    multi-line traceback from the proxy actor.  (Bound with SO_REUSEADDR, as the proxy's server does, so a port
+    in TIME_WAIT after a restart counts as free.)"""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ServeAddressError(
+                    f"serve.port={port}: {host}:{port} is already in use (another program, or another server on "
+                    f"this machine); stop it or pick another port, e.g. serve.port={port + 1}") from None
+            raise ServeAddressError(f"serve.host={host}, serve.port={port}: cannot listen there ({exc.strerror}); "
+                                       "use an address of this machine (127.0.0.1, or 0.0.0.0 with an API key)"
+                                       ) from None
+
+
 def _report_progress(name: str, done: threading.Event, every_s: float) -> None:
     """Until ``done``: every ``every_s`` a line on stderr with the deployments not yet healthy and Serve's word on
     them (on a cluster that must grow first, it says which resources the replicas wait for)."""
@@ -785,6 +821,8 @@ def start(cfg: CLCAEConfig, page: str = "", name: str = "clcae", blocking: bool 
         import ray
 
         check_capacity(s, ray.cluster_resources())
+    if not _serve_running():
+        check_port(s.host, s.port)
     serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})
     done = threading.Event()
     reporter = threading.Thread(target=_report_progress, args=(name, done, progress_every_s), daemon=True)

@@ -421,6 +421,31 @@ def test_an_app_larger_than_a_fixed_cluster_is_refused_before_deploying(monkeypa
         check_capacity(gpu.serve, {"CPU": 4.0})
 
 
+def test_a_port_in_use_is_one_clear_error_before_serve_starts(monkeypatch):
+    """It was Serve's proxy failing to bind: exit 1 and a traceback of the proxy actor."""
+    import socket
+
+    import ray
+    from ray import serve
+
+    from clcae import serving
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(serving, "_serve_running", lambda: False)
+    monkeypatch.setattr(serve, "start", lambda **_: pytest.fail("Serve was started on a port in use"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg.serve.port = port
+        with pytest.raises(serving.ServeAddressError, match=rf"serve.port={port}: 127.0.0.1:{port} is already in use"):
+            serving.start(cfg, fixed_size=True)
+    serving.check_port("127.0.0.1", port)  # free again
+    with pytest.raises(serving.ServeAddressError, match=r"serve.host=203.0.113.77.*cannot listen there"):
+        serving.check_port("203.0.113.77", port)  # TEST-NET-3: not an address of this machine
+
+
 def test_a_slow_start_says_what_it_waits_for(monkeypatch, capsys):
     """On a cluster that may grow (RAY_ADDRESS), the start waits; a line every interval names the deployments not yet
     healthy with Serve's own message (which says which resources the replicas wait for)."""
