@@ -787,9 +787,9 @@ def check_port(host: str, port: int) -> None:
                 raise ServeAddressError(
                     f"serve.port={port}: {host}:{port} is already in use (another program, or another server on "
                     f"this machine); stop it or pick another port, e.g. serve.port={port + 1}") from None
-            raise ServeAddressError(f"serve.host={host}, serve.port={port}: cannot listen there ({exc.strerror}); "
-                                       "use an address of this machine (127.0.0.1, or 0.0.0.0 with an API key)"
-                                       ) from None
+            raise ServeAddressError(
+                f"serve.host={host}, serve.port={port}: cannot listen there ({exc.strerror}); use an address of this "
+                "machine (127.0.0.1, or 0.0.0.0 with an API key)") from None
 
 
 def _report_progress(name: str, done: threading.Event, every_s: float) -> None:
