@@ -54,8 +54,8 @@ from clcae.data.images import (
     uint8_to_unit,
 )
 from clcae.data.shards import ALIGN_COLUMNS, FACE_KEY, read_shards, validate_shards
-from clcae.errors import CLCAEError, ClusterCapacityError
-from clcae.train.runtime import fixed_size_cluster, shortfall
+from clcae.errors import CLCAEError
+from clcae.train.runtime import fixed_size_cluster, require_resources
 
 log = logging.getLogger(__name__)
 
@@ -464,16 +464,14 @@ def check_actor_capacity(i: InferConfig, available: dict[str, float], decode_cpu
     """Refuse a job a Ray cluster that cannot grow could never run: the actors, and beside them at least one decode
     task, must fit its CPUs, and with infer.use_gpu each actor needs a GPU.  Ray Data would otherwise wait for them
     forever (measured: infer.use_gpu=true without a GPU, or 2 actors of 2 CPUs on a 4-CPU local Ray)."""
-    need = {"CPU": i.actors * i.cpus_per_actor + decode_cpus, "GPU": i.actors if i.use_gpu else 0}
-    short = shortfall(need, available)
-    if short:
-        gpu = "a GPU each (infer.use_gpu), " if i.use_gpu else ""
-        raise ClusterCapacityError(
-            f"the job cannot run on this Ray cluster: infer.actors={i.actors} actors of infer.cpus_per_actor="
-            f"{i.cpus_per_actor:g} CPUs, {gpu}with {decode_cpus:g} CPUs for decoding beside them, need {short}. "
-            "Lower infer.actors or infer.cpus_per_actor"
-            + (", drop infer.use_gpu where torch sees no CUDA device" if i.use_gpu else "")
-            + ", or run on a cluster that has them (RAY_ADDRESS)")
+    gpu = "a GPU each (infer.use_gpu), " if i.use_gpu else ""
+    require_resources(
+        {"CPU": i.actors * i.cpus_per_actor + decode_cpus, "GPU": i.actors if i.use_gpu else 0}, available,
+        f"the job cannot run on this Ray cluster: infer.actors={i.actors} actors of infer.cpus_per_actor="
+        f"{i.cpus_per_actor:g} CPUs, {gpu}with {decode_cpus:g} CPUs for decoding beside them,",
+        "Lower infer.actors or infer.cpus_per_actor"
+        + (", drop infer.use_gpu where torch sees no CUDA device" if i.use_gpu else "")
+        + ", or run on a cluster that has them (RAY_ADDRESS)")
 
 
 def concurrent_batches(infer: InferConfig) -> int:

@@ -68,12 +68,12 @@ from clcae.data.images import (
     unit_to_uint8,
 )
 from clcae.editing import EditError
-from clcae.errors import CLCAEError, ClusterCapacityError
+from clcae.errors import CLCAEError
 from clcae.factory import build_directions, latent_shapes
 from clcae.inference import Inverter
 from clcae.metrics import psnr
 from clcae.pretrained import prepare
-from clcae.train.runtime import fixed_size_cluster, shortfall
+from clcae.train.runtime import fixed_size_cluster, require_resources
 from clcae.wire import ApiError, finite_number, from_wire, short, to_wire
 
 if TYPE_CHECKING:
@@ -750,12 +750,12 @@ def resources_at_min_scale(s: ServeConfig) -> dict[str, float]:
 def check_capacity(s: ServeConfig, available: dict[str, float]) -> None:
     """Refuse an application that a fixed-size Ray cluster (``available``: its total resources) cannot hold: Serve
     would leave the replicas pending, and the start would wait forever without a word."""
-    short = shortfall(resources_at_min_scale(s), available)
-    if short:
-        raise ClusterCapacityError(
-            f"the app cannot start on this Ray cluster: at serve.min_replicas={s.min_replicas} its two model "
-            f"deployments and the ingress need {short}. Lower serve.min_replicas, "
-            f"serve.cpus_per_replica{' or serve.gpus_per_replica' if s.use_gpu else ''}, or start a larger cluster")
+    require_resources(
+        resources_at_min_scale(s), available,
+        f"the app cannot start on this Ray cluster: at serve.min_replicas={s.min_replicas} its two model "
+        "deployments and the ingress",
+        f"Lower serve.min_replicas, serve.cpus_per_replica{' or serve.gpus_per_replica' if s.use_gpu else ''}, "
+        "or start a larger cluster")
 
 
 def _serve_running() -> bool:

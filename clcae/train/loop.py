@@ -36,7 +36,6 @@ from clcae.data.images import image_grid, tensor_to_pil, uint8_to_unit
 from clcae.data.shards import decode_batch, open_shards, validate_shards
 from clcae.data.storage import check_access, filesystem, pyarrow_filesystem
 from clcae.device import keep_freed_memory
-from clcae.errors import ClusterCapacityError
 from clcae.factory import build_aligner, build_clcae, build_generator
 from clcae.pretrained import load, prepare
 from clcae.train.events import EventLog
@@ -52,7 +51,7 @@ from clcae.train.preflight import (
     resolve_paths,
 )
 from clcae.train.progress import follow
-from clcae.train.runtime import fixed_size_cluster, shortfall
+from clcae.train.runtime import fixed_size_cluster, require_resources
 from clcae.train.steps import ContrastiveStep, InversionStep
 from clcae.weights import init_encoder_from_contrastive, load_into, load_irse_into_encoder, load_official_contrastive
 
@@ -429,13 +428,12 @@ def fit(cfg: CLCAEConfig, stage: str, run_name: str, faults: Faults | None = Non
         else t.num_workers
     if fixed_size_cluster() and ray.is_initialized():  # else Ray Train waits for the workers without end
         fewest = workers[0] if isinstance(workers, tuple) else workers
-        short = shortfall({k: fewest * v for k, v in resources.items()}, ray.cluster_resources())
-        if short:
-            raise ClusterCapacityError(
-                f"training cannot start on this Ray cluster: {fewest} worker(s) of {resources} need {short}. Lower "
-                "train.num_workers (or train.min_workers), train.cpus_per_worker"
-                + (", drop train.use_gpu where torch sees no CUDA device" if t.use_gpu else "")
-                + ", or run on a cluster that has them (RAY_ADDRESS)")
+        require_resources(
+            {k: fewest * v for k, v in resources.items()}, ray.cluster_resources(),
+            f"training cannot start on this Ray cluster: {fewest} worker(s) of {resources}",
+            "Lower train.num_workers (or train.min_workers), train.cpus_per_worker"
+            + (", drop train.use_gpu where torch sees no CUDA device" if t.use_gpu else "")
+            + ", or run on a cluster that has them (RAY_ADDRESS)")
     log.info("%s %s: %s to step %d on %s worker(s), every %d steps a line; run folder %s", stage, run_name,
              "resuming" if resuming else "training", t.max_steps,
              f"{workers[0]}-{workers[1]}" if isinstance(workers, tuple) else workers, t.log_every, uri)

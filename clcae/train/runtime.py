@@ -205,12 +205,16 @@ def fixed_size_cluster() -> bool:
     return not os.environ.get("RAY_ADDRESS")
 
 
-def shortfall(need: dict[str, float], available: dict[str, float]) -> str:
-    """'' when ``need`` (Ray resources, e.g. {"CPU": 6.5, "GPU": 0}) fits ``available`` (a cluster's totals), else
-    what is short, e.g. '6.5 CPUs (the cluster has 4)'."""
+def require_resources(need: dict[str, float], available: dict[str, float], who: str, fix: str) -> None:
+    """Raise ClusterCapacityError "{who} need 6.5 CPUs (the cluster has 4). {fix}" unless ``need`` (Ray resources,
+    e.g. {"CPU": 6.5, "GPU": 0}) fits ``available`` (a cluster's totals)."""
+    from clcae.errors import ClusterCapacityError
+
     names = {"CPU": "CPUs", "GPU": "GPUs"}
-    return "; ".join(f"{v:g} {names.get(k, k)} (the cluster has {available.get(k, 0.0):g})"
-                     for k, v in need.items() if v > available.get(k, 0.0) + 1e-9)
+    short = "; ".join(f"{v:g} {names.get(k, k)} (the cluster has {available.get(k, 0.0):g})"
+                      for k, v in need.items() if v > available.get(k, 0.0) + 1e-9)
+    if short:
+        raise ClusterCapacityError(f"{who} need {short}. {fix}")
 
 
 def _current_session_dir() -> str | None:
